@@ -1,0 +1,105 @@
+// The MoE layer: routed experts of one transformer layer, computed on the CPU.
+//
+//   y[t] = sum_j w[t, j] * down_e( act(gate_e(x[t]), up_e(x[t])) ),  e = ids[t, j]
+//
+// over the pairs (t, j) whose expert id is in [0, num_experts) and not
+// marked in the skip mask (experts living on the GPU). Rows with no CPU
+// expert are zero. Weights are packed once per NUMA sub-pool slice of the
+// intermediate dimension (see DESIGN.md "MoE execution").
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kt_kernel/kernel_table.h"
+#include "kt_kernel/packed_matrix.h"
+#include "kt_kernel/types.h"
+
+namespace kt {
+
+class ThreadPool;
+
+struct MoeConfig {
+  uint32_t num_experts = 0;   // expert slots that ids index
+  uint32_t top_k = 0;
+  uint32_t hidden = 0;        // H
+  uint32_t intermediate = 0;  // I, un-sharded
+  QuantScheme scheme = QuantScheme::kBF16;
+  uint32_t group_size = 0;    // INT4: K per scale group (0 = per channel)
+  ActivationParams activation;
+};
+
+// Inputs of one forward call; all pointers are the caller's, read during
+// the call only. Strides are in elements.
+struct MoeForwardArgs {
+  size_t tokens = 0;
+  const void* x = nullptr;           // [tokens][hidden]
+  DType x_dtype = DType::kF32;
+  size_t x_stride = 0;
+  const void* ids = nullptr;         // [tokens][top_k], int32 or int64
+  bool ids_int64 = false;
+  size_t ids_stride = 0;
+  const void* weights = nullptr;     // [tokens][top_k]
+  DType weights_dtype = DType::kF32;
+  size_t weights_stride = 0;
+  const uint8_t* skip_mask = nullptr;  // [num_experts], nonzero = skip (on GPU); may be null
+  void* y = nullptr;                 // [tokens][hidden], written completely
+  DType y_dtype = DType::kF32;
+  size_t y_stride = 0;
+};
+
+class MoeLayer {
+ public:
+  // The layer is split into pool.num_subpools() slices of the intermediate
+  // dimension, each packed in the memory of its sub-pool's threads.
+  // Throws std::invalid_argument for an invalid configuration.
+  MoeLayer(const MoeConfig& cfg, ThreadPool& pool);
+  ~MoeLayer();
+
+  const MoeConfig& config() const { return cfg_; }
+
+  // Quantises and packs all experts from dense row-major weights:
+  // gate, up [num_logical][I][H], down [num_logical][H][I], of type dt.
+  // Slot s takes logical expert slot_to_logical[s] (nullptr = identity, which
+  // needs num_logical == num_experts). Slots with load_slot[s] == 0 are left
+  // unloaded (nullptr = load all).
+  void load_dense(const void* gate, const void* up, const void* down, DType dt, uint32_t num_logical,
+                  const int64_t* slot_to_logical, const uint8_t* load_slot);
+
+  bool slot_loaded(uint32_t slot) const;
+
+  // Runs the layer. Throws std::runtime_error if an unloaded expert is routed
+  // to the CPU (before any output is written).
+  void forward(const MoeForwardArgs& args);
+
+  // Bytes of packed weights held in memory (all slices, all experts).
+  size_t packed_bytes() const;
+
+  // Exact float64 values of one expert's matrix (0 gate, 1 up, 2 down),
+  // reassembled across slices: [I][H] for gate/up, [H][I] for down.
+  void unpack_expert(uint32_t slot, int which, double* out) const;
+
+  // Test hook: when on, forward keeps the fp32 intermediate act(gate, up)
+  // of every pair, [tokens * top_k][I] indexed t * top_k + j (NaN where the
+  // pair was skipped), for the last call.
+  void set_capture(bool on);
+  const std::vector<float>& captured_intermediate() const { return capture_; }
+
+  // Column range [begin, end) of the intermediate dimension owned by slice s.
+  std::pair<uint32_t, uint32_t> slice_range(int s) const;
+
+ private:
+  struct Slice;
+  void forward_pass(const MoeForwardArgs& args, size_t t0, size_t tokens, const KernelTable& kt);
+
+  MoeConfig cfg_;
+  ThreadPool& pool_;
+  std::vector<std::unique_ptr<Slice>> slices_;
+  std::vector<uint8_t> loaded_;
+  bool capture_on_ = false;
+  std::vector<float> capture_;
+};
+
+}  // namespace kt

@@ -1,0 +1,163 @@
+// The packed weight layout: one layout for every backend and every file.
+//
+// A weight matrix W [rows N][cols K] (N outputs, K the reduction) is cut into
+// blocks of kRowBlock = 16 output rows. Inside a block, K runs in "steps";
+// one step of one block is exactly 64 bytes, i.e. one cache line and one
+// AVX-512 register:
+//
+//   INT8  step = 4 k:  byte 4*r + t      = q8[row r][k0 + t]            (s8)
+//   INT4  step = 8 k:  byte 4*r + t      = q4[r][k0 + t] | q4[r][k0 + 4 + t] << 4
+//   BF16  step = 2 k:  half 2*r + t      = bf16(W[r][k0 + t])
+//
+// This is the operand order of vpdpbusd / vdpbf16ps with a broadcast
+// activation (one 32-bit lane per output row), and it is also the "B" tile of
+// AMX (tdpbusd: 16 rows of 4-byte k-quads; tdpbf16ps: 16 rows of bf16 pairs),
+// so AVX-512 and AMX read the same bytes: one copy of the weights in memory.
+//
+// Scales live beside the quantised data, 16 floats (one per row of the block)
+// per group, so a single aligned load fetches them:
+//   INT8: value = scale[r] * q8;          compensation[r] = 128 * sum_k q8
+//         (activations are fed as u8 = q + 128; the compensation undoes it)
+//   INT4: value = scale[r][g] * q4 + bias[r][g],  q4 in 0..15
+//         symmetric: bias = -8 * scale (not stored); asymmetric: bias = min.
+//   BF16: no scales.
+//
+// K is padded with zero weights to a multiple of kColPad (64: one AMX int8
+// tile row), N to a multiple of 16 with zero rows. Group sizes divide K.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kt {
+
+// Bumped whenever the byte layout above changes; stored in converted files
+// and exported to Python as kt_kernel.PACKED_LAYOUT_VERSION.
+constexpr uint32_t kPackedLayoutVersion = 1;
+
+constexpr uint32_t kRowBlock = 16;    // output rows per block: 16 fp32/int32 lanes of a zmm
+constexpr uint32_t kColPad = 64;      // K padding: 64 int8 = one AMX tile row, 32 bf16 pairs
+constexpr uint32_t kStepBytes = 64;   // bytes of one k-step of one row block
+constexpr uint32_t kActSumGroup = 32; // activation sums are kept per 32 k (smallest group)
+
+// One k-step of one row block, per format: the unit every kernel loads.
+struct Int8Step {
+  int8_t q[kRowBlock][4];  // [row][k0 + t]
+};
+struct Int4Step {
+  uint8_t q[kRowBlock][4];  // [row][t]: low nibble k0 + t, high nibble k0 + 4 + t
+};
+struct Bf16Step {
+  uint16_t w[kRowBlock][2];  // [row][k0 + t]
+};
+static_assert(sizeof(Int8Step) == kStepBytes, "an INT8 step is one 64-byte line");
+static_assert(sizeof(Int4Step) == kStepBytes, "an INT4 step is one 64-byte line");
+static_assert(sizeof(Bf16Step) == kStepBytes, "a BF16 step is one 64-byte line");
+
+// Codes are stored in files and exported to Python; never renumber.
+enum class QuantScheme : uint32_t {
+  kBF16 = 0,
+  kInt8PerChannel = 1,  // symmetric, one scale per output row
+  kInt4Sym = 2,         // symmetric, one scale per row and group of K
+  kInt4Asym = 3,        // scale and min per row and group of K
+};
+constexpr int kNumSchemes = 4;
+
+static inline bool scheme_is_int4(QuantScheme s) {
+  return s == QuantScheme::kInt4Sym || s == QuantScheme::kInt4Asym;
+}
+
+static inline uint32_t scheme_k_per_step(QuantScheme s) {
+  return s == QuantScheme::kBF16 ? 2u : (s == QuantScheme::kInt8PerChannel ? 4u : 8u);
+}
+
+static inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+// Where every section of one packed matrix lives, relative to its base
+// pointer. Sections start on 64-byte boundaries.
+struct PackedGeometry {
+  uint32_t rows = 0, cols = 0;             // logical N, K
+  uint32_t rows_padded = 0, cols_padded = 0;
+  uint32_t group_size = 0;                 // K per scale group (cols_padded for per channel; 0 for BF16)
+  uint32_t groups = 0;                     // cols_padded / group_size
+  uint32_t per_channel = 0;                // 1: one scale per row (INT8, INT4 with group_size 0)
+  size_t block_weight_bytes = 0;           // weight bytes of one row block
+  size_t weights_offset = 0, scales_offset = 0, mins_offset = 0, compensation_offset = 0;
+  size_t total_bytes = 0;
+};
+
+// group_size 0 means one group per row (per channel). Returns false (and
+// leaves *g untouched) when the combination is invalid: group not a multiple
+// of 32 or not dividing cols, or zero-sized matrix.
+static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, uint32_t group_size,
+                                   PackedGeometry* g) {
+  if (rows == 0 || cols == 0) return false;
+  PackedGeometry r;
+  r.rows = rows;
+  r.cols = cols;
+  r.rows_padded = uint32_t(round_up(rows, kRowBlock));
+  r.cols_padded = uint32_t(round_up(cols, kColPad));
+  const size_t blocks = r.rows_padded / kRowBlock;
+  const size_t steps = r.cols_padded / scheme_k_per_step(s);
+  r.block_weight_bytes = steps * kStepBytes;
+  r.weights_offset = 0;
+  size_t off = round_up(blocks * r.block_weight_bytes, 64);
+  if (s == QuantScheme::kBF16) {
+    if (group_size != 0) return false;
+  } else if (s == QuantScheme::kInt8PerChannel) {
+    if (group_size != 0) return false;
+    r.group_size = r.cols_padded;
+    r.groups = 1;
+    r.per_channel = 1;
+  } else {
+    if (group_size == 0) {
+      r.group_size = r.cols_padded;
+      r.per_channel = 1;
+    } else {
+      if (group_size % kActSumGroup != 0 || cols % group_size != 0) return false;
+      // cols_padded - cols is 0 or 32 for these sizes, so padding forms whole groups.
+      if (r.cols_padded % group_size != 0) return false;
+      r.group_size = group_size;
+    }
+    r.groups = r.cols_padded / r.group_size;
+  }
+  if (s != QuantScheme::kBF16) {
+    r.scales_offset = off;
+    off = round_up(off + blocks * r.groups * kRowBlock * sizeof(float), 64);
+  }
+  if (s == QuantScheme::kInt4Asym) {
+    r.mins_offset = off;
+    off = round_up(off + blocks * r.groups * kRowBlock * sizeof(float), 64);
+  }
+  if (s == QuantScheme::kInt8PerChannel) {
+    r.compensation_offset = off;
+    off = round_up(off + blocks * kRowBlock * sizeof(int32_t), 64);
+  }
+  r.total_bytes = off;
+  *g = r;
+  return true;
+}
+
+// A non-owning view of one packed matrix, the argument of every kernel.
+struct PackedMatrixView {
+  QuantScheme scheme = QuantScheme::kBF16;
+  PackedGeometry geo;
+  const uint8_t* weights = nullptr;       // [rows_padded/16][block_weight_bytes]
+  const float* scales = nullptr;          // INT4: [blocks][groups][16]; INT8: [blocks][16]
+  const float* mins = nullptr;            // INT4 asym: [blocks][groups][16]
+  const int32_t* compensation = nullptr;  // INT8: [blocks][16]
+};
+
+static inline PackedMatrixView make_packed_view(QuantScheme s, const PackedGeometry& g, const void* base) {
+  PackedMatrixView v;
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  v.scheme = s;
+  v.geo = g;
+  v.weights = b + g.weights_offset;
+  if (s != QuantScheme::kBF16) v.scales = reinterpret_cast<const float*>(b + g.scales_offset);
+  if (s == QuantScheme::kInt4Asym) v.mins = reinterpret_cast<const float*>(b + g.mins_offset);
+  if (s == QuantScheme::kInt8PerChannel) v.compensation = reinterpret_cast<const int32_t*>(b + g.compensation_offset);
+  return v;
+}
+
+}  // namespace kt

@@ -1,0 +1,315 @@
+"""KTMoEWrapper: the class inference servers construct once per MoE layer.
+
+The constructor's parameter names are the contract of INTERFACE.md (servers
+introspect `inspect.signature(KTMoEWrapper.__new__)`), hence explicit
+keywords and no **kwargs. The method name picks the weight format; which
+instruction set computes it is chosen at run time by the native dispatcher.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from . import _kt_kernel
+from ._pool import get_pool
+from ._tensors import FLOAT_CODES, describe, empty_like_rows, is_torch, torch_module
+
+# Native scheme codes (kt::QuantScheme).
+SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM = 0, 1, 2, 3
+
+# Method name -> scheme family. AMX* names are formats, not instruction sets:
+# they run on AVX-512, AVX2 or scalar CPUs as well.
+_INT8_METHODS = ("AMXINT8", "MOE_INT8")
+_INT4_METHODS = ("AMXINT4", "MOE_INT4")
+SUPPORTED_METHODS = ("BF16",) + _INT8_METHODS + _INT4_METHODS
+_UPSTREAM_METHODS = ("FP8", "FP8_PERCHANNEL", "RAWINT4", "GPTQ_INT4", "LLAMAFILE", "MXFP4", "MXFP8")
+DEFAULT_INT4_GROUP = 128
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _scheme_for(method: str, group_size: Optional[int], zero_point: bool, hidden: int, inter: int):
+    if not isinstance(method, str):
+        raise TypeError(f"method: expected a str, got {type(method).__name__}")
+    # group_size only shapes INT4 formats; servers pass it for every method, so
+    # the other formats ignore it.
+    if method == "BF16":
+        return SCHEME_BF16, 0
+    if method in _INT8_METHODS:
+        return SCHEME_INT8, 0
+    if method in _INT4_METHODS:
+        if group_size is None:
+            group = DEFAULT_INT4_GROUP
+            if hidden % group or inter % group:
+                raise ValueError(
+                    f"method {method}: the default group size {group} does not divide hidden_size={hidden} and "
+                    f"moe_intermediate_size={inter}; pass group_size=32 or 64, or group_size=0 for per-channel scales")
+        else:
+            group = _check_int("group_size", group_size, 0)
+        return (SCHEME_INT4_ASYM if zero_point else SCHEME_INT4_SYM), group
+    if method in _UPSTREAM_METHODS:
+        raise ValueError(f"method '{method}' is not supported by this build of kt_kernel yet "
+                         f"(supported: {', '.join(SUPPORTED_METHODS)})")
+    raise ValueError(f"unknown method '{method}' (supported: {', '.join(SUPPORTED_METHODS)})")
+
+
+class KTMoEWrapper:
+    """Routed experts of one MoE layer computed on the CPU.
+
+    forward(x, ids, w) returns, for each token t, the sum over its CPU experts
+    j of w[t, j] * down(silu(gate(x[t])) * up(x[t])). Expert ids that are
+    negative, >= num_experts, or True in `gpu_experts_mask` are skipped.
+    """
+
+    _capture_batch_sizes: List[int] = []
+    _instances: "weakref.WeakSet[KTMoEWrapper]" = weakref.WeakSet()
+
+    def __new__(
+        cls,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        gpu_experts_mask: Any = None,
+        cpuinfer_threads: Optional[int] = None,
+        threadpool_count: int = 1,
+        weight_path: Optional[str] = None,
+        chunked_prefill_size: int = 8192,
+        cpu_save: bool = False,
+        max_deferred_experts_per_token: Optional[int] = None,
+        method: str = "AMXINT4",
+        num_gpu_experts: int = 0,
+        numa_nodes: Optional[List[int]] = None,
+        mode: str = "inference",
+        lora_rank: int = 0,
+        lora_alpha: float = 0.0,
+        lora_dropout: float = 0.0,
+        max_cache_depth: int = 1,
+        group_size: Optional[int] = None,
+        zero_point: bool = False,
+        full_weight_grad: bool = False,
+        swiglu_limit: float = 0.0,
+        swiglu_alpha: float = 0.0,
+    ):
+        if mode != "inference":
+            if mode == "sft":
+                raise NotImplementedError("mode='sft' (fine-tuning) is not available in this build of kt_kernel yet")
+            raise ValueError(f"mode: expected 'inference' or 'sft', got {mode!r}")
+        self = super().__new__(cls)
+        self._init(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
+                   gpu_experts_mask, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size,
+                   cpu_save, max_deferred_experts_per_token, method, num_gpu_experts, numa_nodes,
+                   group_size, zero_point, swiglu_limit, swiglu_alpha)
+        return self
+
+    def __init__(self, *args, **kwargs):  # everything happens in __new__ (servers introspect it)
+        pass
+
+    # ------------------------------------------------------------------ set-up
+    def _init(self, layer_idx, num_experts, top_k, hidden, inter, gpu_experts_mask, cpuinfer_threads,
+              threadpool_count, weight_path, chunked_prefill_size, cpu_save, max_deferred, method,
+              num_gpu_experts, numa_nodes, group_size, zero_point, swiglu_limit, swiglu_alpha):
+        self.layer_idx = _check_int("layer_idx", layer_idx, 0)
+        self.num_experts = _check_int("num_experts", num_experts, 1)
+        self.num_experts_per_tok = _check_int("num_experts_per_tok", top_k, 1)
+        self.hidden_size = _check_int("hidden_size", hidden, 1)
+        self.moe_intermediate_size = _check_int("moe_intermediate_size", inter, 1)
+        self.chunked_prefill_size = _check_int("chunked_prefill_size", chunked_prefill_size, 1)
+        threads = ((os.cpu_count() or 1) if cpuinfer_threads is None
+                   else _check_int("cpuinfer_threads", cpuinfer_threads, 1))
+        pools = _check_int("threadpool_count", threadpool_count, 1)
+        if numa_nodes is None:
+            numa_nodes = list(range(pools))
+        numa_nodes = [_check_int("numa_nodes[]", n, 0) for n in numa_nodes]
+        if len(numa_nodes) != pools:
+            raise ValueError(f"numa_nodes has {len(numa_nodes)} entries, threadpool_count is {pools}")
+        if pools > threads:
+            raise ValueError(f"threadpool_count ({pools}) exceeds cpuinfer_threads ({threads})")
+        if max_deferred is not None and _check_int("max_deferred_experts_per_token", max_deferred, 0) > 0:
+            raise NotImplementedError("expert deferral (max_deferred_experts_per_token > 0) is not available in this "
+                                      "build of kt_kernel yet; pass 0 or None")
+        for name, v in (("swiglu_limit", swiglu_limit), ("swiglu_alpha", swiglu_alpha)):
+            if not isinstance(v, (int, float)) or v != v or v < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+        if swiglu_limit > 0 and swiglu_alpha <= 0:
+            raise ValueError("swiglu_alpha must be > 0 when swiglu_limit is set")
+        self.method = method
+        self.weight_path = weight_path
+        self.cpu_save = bool(cpu_save)
+        self.max_deferred_experts_per_token = max_deferred
+        self.scheme, self.group_size = _scheme_for(method, group_size, bool(zero_point), self.hidden_size,
+                                                   self.moe_intermediate_size)
+        self.cpuinfer_threads = threads
+        self.threadpool_count = pools
+        self.numa_nodes = numa_nodes
+        self.gpu_experts_mask = self._make_mask(gpu_experts_mask, num_gpu_experts)
+        pool = get_pool(threads, numa_nodes)
+        self._layer = _kt_kernel.MoeLayer(pool, self.num_experts, self.num_experts_per_tok, self.hidden_size,
+                                          self.moe_intermediate_size, self.scheme, self.group_size,
+                                          float(swiglu_limit), float(swiglu_alpha))
+        self._loaded = False
+        self._lock = threading.Lock()
+        self._pending: Optional[Any] = None
+        self._out_cache: Dict[int, Any] = {}
+        KTMoEWrapper._instances.add(self)
+
+    def _make_mask(self, mask: Any, num_gpu_experts: int):
+        E = self.num_experts
+        if mask is not None:
+            info = describe(mask, "gpu_experts_mask", dtypes=("bool",), ndim=1, shape=(E,), contiguous="full")
+            return info.obj
+        n = _check_int("num_gpu_experts", num_gpu_experts, 0)
+        if n > E:
+            raise ValueError(f"num_gpu_experts ({n}) exceeds num_experts ({E})")
+        torch = torch_module()
+        if torch is not None:
+            m = torch.zeros(E, dtype=torch.bool)
+        else:
+            m = np.zeros(E, dtype=bool)
+        m[:n] = True
+        return m
+
+    # ----------------------------------------------------------------- weights
+    def load_weights_from_tensors(self, gate_proj: Any, up_proj: Any, down_proj: Any,
+                                  physical_to_logical_map: Any = None) -> None:
+        """Quantises and packs all experts from dense bf16/fp16/fp32 weights.
+
+        gate_proj, up_proj: [E_logical, I, H]; down_proj: [E_logical, H, I].
+        physical_to_logical_map: int64 [num_experts]; slot s computes logical
+        expert map[s]. None = identity (then E_logical == num_experts).
+        """
+        I, H = self.moe_intermediate_size, self.hidden_size
+        g = describe(gate_proj, "gate_proj", dtypes=_FLOAT_DTYPES, ndim=3, shape=(None, I, H), contiguous="full")
+        u = describe(up_proj, "up_proj", dtypes=_FLOAT_DTYPES, ndim=3, shape=(g.shape[0], I, H), contiguous="full")
+        d = describe(down_proj, "down_proj", dtypes=_FLOAT_DTYPES, ndim=3, shape=(g.shape[0], H, I), contiguous="full")
+        if not (g.dtype == u.dtype == d.dtype):
+            raise TypeError(f"gate_proj, up_proj and down_proj must share a dtype, got {g.dtype}, {u.dtype}, {d.dtype}")
+        n_logical = g.shape[0]
+        if n_logical == 0:
+            raise ValueError("gate_proj: no experts")
+        map_ptr, keep = 0, None
+        if physical_to_logical_map is not None:
+            m = describe(physical_to_logical_map, "physical_to_logical_map", dtypes=("int64", "int32"), ndim=1,
+                         shape=(self.num_experts,), contiguous="full")
+            keep = np.ascontiguousarray(np.asarray(_to_numpy(m.obj), dtype=np.int64))
+            bad = (keep < 0) | (keep >= n_logical)
+            if bad.any():
+                s = int(np.argmax(bad))
+                raise ValueError(f"physical_to_logical_map[{s}] = {int(keep[s])} is outside [0, {n_logical})")
+            map_ptr = keep.ctypes.data
+        elif n_logical != self.num_experts:
+            raise ValueError(f"gate_proj has {n_logical} experts but num_experts is {self.num_experts}; "
+                             "pass physical_to_logical_map")
+        self._layer.load_dense(g.ptr, u.ptr, d.ptr, FLOAT_CODES[g.dtype], n_logical, map_ptr, 0)
+        self._loaded = True
+
+    def load_weights(self, physical_to_logical_map: Any = None) -> None:
+        raise NotImplementedError(
+            "loading converted weight files (weight_path) is not available in this build of kt_kernel yet; "
+            "use load_weights_from_tensors")
+
+    # ----------------------------------------------------------------- forward
+    def _mask_ptr(self) -> int:
+        info = describe(self.gpu_experts_mask, "gpu_experts_mask", dtypes=("bool",), ndim=1,
+                        shape=(self.num_experts,), contiguous="full")
+        return info.ptr
+
+    def _run(self, hidden_states: Any, topk_ids: Any, topk_weights: Any):
+        if not self._loaded:
+            raise RuntimeError("weights are not loaded: call load_weights_from_tensors first")
+        H, k = self.hidden_size, self.num_experts_per_tok
+        x = describe(hidden_states, "hidden_states", dtypes=_FLOAT_DTYPES, ndim=2, shape=(None, H))
+        T = x.shape[0]
+        ids = describe(topk_ids, "topk_ids", dtypes=("int32", "int64"), ndim=2, shape=(T, k))
+        w = describe(topk_weights, "topk_weights", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, k))
+        if is_torch(x.obj) != is_torch(ids.obj) or is_torch(x.obj) != is_torch(w.obj):
+            raise TypeError("hidden_states, topk_ids and topk_weights must all be torch tensors or all NumPy arrays")
+        y = self._output_buffer(x.obj)
+        if y is None:
+            y = empty_like_rows(x.obj, T, H)
+        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, H))
+        if T > 0:
+            self._layer.forward(T, x.ptr, FLOAT_CODES[x.dtype], x.row_stride, ids.ptr, ids.dtype == "int64",
+                                ids.row_stride, w.ptr, FLOAT_CODES[w.dtype], w.row_stride, self._mask_ptr(), yi.ptr,
+                                FLOAT_CODES[yi.dtype], yi.row_stride)
+        return y
+
+    def _output_buffer(self, hidden_states: Any):
+        """A persistent output buffer for captured batch sizes (CUDA-graph friendly), else None."""
+        T = int(hidden_states.shape[0])
+        if T not in KTMoEWrapper._capture_batch_sizes:
+            return None
+        buf = self._out_cache.get(T)
+        dtype = getattr(hidden_states, "dtype", None)
+        if buf is None or buf.dtype != dtype or is_torch(buf) != is_torch(hidden_states):
+            buf = empty_like_rows(hidden_states, T, self.hidden_size)
+            self._out_cache[T] = buf
+        return buf
+
+    def forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0):
+        """submit_forward then sync_forward."""
+        self.submit_forward(hidden_states, topk_ids, topk_weights, cuda_stream)
+        return self.sync_forward(hidden_states, cuda_stream)
+
+    def submit_forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0) -> None:
+        """Starts the layer; every read of the inputs is complete when this returns.
+
+        This build computes the CPU path synchronously here (the inputs may be
+        overwritten by the caller right after the call).
+        """
+        if cuda_stream:
+            raise NotImplementedError("CUDA stream ordering (cuda_stream != 0) is not available in this build yet")
+        with self._lock:
+            if self._pending is not None:
+                raise RuntimeError(f"layer {self.layer_idx}: submit_forward called twice without sync_forward")
+            self._pending = self._run(hidden_states, topk_ids, topk_weights)
+
+    def sync_forward(self, hidden_states: Any, cuda_stream: int = 0):
+        """The result of the last submit_forward: [T, H] in the input's dtype."""
+        with self._lock:
+            if self._pending is None:
+                raise RuntimeError(f"layer {self.layer_idx}: sync_forward called without submit_forward")
+            y, self._pending = self._pending, None
+        return y
+
+    # --------------------------------------------------------- buffer policy
+    @staticmethod
+    def set_capture_batch_sizes(sizes: List[int]) -> None:
+        """Batch sizes whose output buffers persist across calls (CUDA-graph capture)."""
+        KTMoEWrapper._capture_batch_sizes = sorted({_check_int("batch size", s, 1) for s in sizes})
+
+    @staticmethod
+    def get_capture_batch_sizes() -> List[int]:
+        return list(KTMoEWrapper._capture_batch_sizes)
+
+    @staticmethod
+    def clear_buffer_cache() -> None:
+        """Frees the persistent output buffers of every wrapper (the sizes stay)."""
+        for w in list(KTMoEWrapper._instances):
+            w._out_cache.clear()
+
+    # ------------------------------------------------------------ inspection
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of packed expert weights held in RAM by this layer."""
+        return int(self._layer.packed_bytes)
+
+
+def _to_numpy(obj: Any) -> np.ndarray:
+    if is_torch(obj):
+        return obj.detach().to("cpu").numpy()
+    return np.asarray(obj)

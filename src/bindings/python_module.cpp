@@ -1,0 +1,253 @@
+// The extension module: thin by design. Python validates every argument
+// (shapes, dtypes, strides, devices) and passes raw addresses; this file
+// converts them to C++ calls, releases the GIL around the work, and turns C++
+// exceptions into Python ones (invalid_argument -> ValueError,
+// runtime_error -> RuntimeError, bad_alloc -> MemoryError).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "kt_kernel/cpu_features.h"
+#include "kt_kernel/dispatch.h"
+#include "kt_kernel/moe_layer.h"
+#include "kt_kernel/pack.h"
+#include "thread_pool.h"
+#include "topology.h"
+
+namespace py = pybind11;
+using namespace kt;
+
+namespace {
+
+template <typename T>
+const T* ptr(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+
+QuantScheme to_scheme(int s) {
+  if (s < 0 || s >= kNumSchemes) throw std::invalid_argument("unknown quantisation scheme code " + std::to_string(s));
+  return static_cast<QuantScheme>(s);
+}
+
+DType to_dtype(int d) {
+  if (d < 0 || d > 3) throw std::invalid_argument("unknown dtype code " + std::to_string(d));
+  return static_cast<DType>(d);
+}
+
+py::dict cpu_info() {
+  const CpuFeatures& c = cpu_features();
+  const Topology& t = topology();
+  py::dict flags;
+  flags["sse4_2"] = c.sse42;
+  flags["avx"] = c.avx;
+  flags["avx2"] = c.avx2;
+  flags["fma"] = c.fma;
+  flags["f16c"] = c.f16c;
+  flags["bmi2"] = c.bmi2;
+  flags["avx_vnni"] = c.avx_vnni;
+  flags["avx512f"] = c.avx512f;
+  flags["avx512bw"] = c.avx512bw;
+  flags["avx512vl"] = c.avx512vl;
+  flags["avx512dq"] = c.avx512dq;
+  flags["avx512_vnni"] = c.avx512_vnni;
+  flags["avx512_bf16"] = c.avx512_bf16;
+  flags["avx512_vbmi"] = c.avx512_vbmi;
+  flags["amx_tile"] = c.amx_tile;
+  flags["amx_int8"] = c.amx_int8;
+  flags["amx_bf16"] = c.amx_bf16;
+  flags["amx_permitted"] = c.amx_permitted;
+  py::list nodes;
+  for (const auto& n : t.nodes) {
+    py::dict d;
+    d["node"] = n.os_index;
+    d["cpus"] = n.cpus;
+    d["memory_bytes"] = n.memory_bytes;
+    nodes.append(d);
+  }
+  py::dict caches;
+  caches["l1d"] = t.caches.l1d;
+  caches["l2"] = t.caches.l2;
+  caches["l3"] = t.caches.l3;
+  py::dict out;
+  out["vendor"] = c.vendor;
+  out["brand"] = c.brand;
+  out["flags"] = flags;
+  out["amx_permission_error"] = c.amx_permission_error;
+  out["cores"] = t.num_cores;
+  out["logical_cpus"] = t.num_pus;
+  out["numa_nodes"] = nodes;
+  out["caches"] = caches;
+  return out;
+}
+
+py::array_t<uint8_t> pack_to_array(int scheme, uint32_t group, py::array_t<float, py::array::c_style | py::array::forcecast> w) {
+  if (w.ndim() != 2) throw std::invalid_argument("weights must be 2-D [rows, cols]");
+  PackedGeometry g;
+  if (!packed_geometry(to_scheme(scheme), uint32_t(w.shape(0)), uint32_t(w.shape(1)), group, &g))
+    throw std::invalid_argument("invalid geometry for this format (empty matrix, or group size not dividing cols)");
+  py::array_t<uint8_t> out{py::ssize_t(g.total_bytes)};
+  {
+    py::gil_scoped_release nogil;
+    pack_matrix(to_scheme(scheme), g, w.data(), DType::kF32, g.cols, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<double> unpack_from_array(int scheme, uint32_t group, uint32_t rows, uint32_t cols,
+                                      py::array_t<uint8_t, py::array::c_style> packed) {
+  PackedGeometry g;
+  if (!packed_geometry(to_scheme(scheme), rows, cols, group, &g)) throw std::invalid_argument("invalid geometry");
+  if (size_t(packed.size()) != g.total_bytes)
+    throw std::invalid_argument("packed buffer has " + std::to_string(packed.size()) + " bytes, expected " +
+                                std::to_string(g.total_bytes));
+  py::array_t<double> out({py::ssize_t(rows), py::ssize_t(cols)});
+  unpack_matrix(to_scheme(scheme), g, packed.data(), out.mutable_data());
+  return out;
+}
+
+py::dict geometry(int scheme, uint32_t rows, uint32_t cols, uint32_t group) {
+  PackedGeometry g;
+  if (!packed_geometry(to_scheme(scheme), rows, cols, group, &g)) throw std::invalid_argument("invalid geometry");
+  py::dict d;
+  d["rows_padded"] = g.rows_padded;
+  d["cols_padded"] = g.cols_padded;
+  d["group_size"] = g.group_size;
+  d["groups"] = g.groups;
+  d["total_bytes"] = g.total_bytes;
+  return d;
+}
+
+// Encodes fp32 activation rows with a backend's prepare_acts (for tests of
+// the quantiser against its numpy replica).
+py::tuple prepare_acts(const std::string& backend, int scheme, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+  if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D");
+  const QuantScheme s = to_scheme(scheme);
+  const size_t rows = size_t(x.shape(0)), k = size_t(x.shape(1));
+  const FormatKernels& fk = kernels_for(backend_kernels(backend), s);
+  const size_t rb = acts_row_bytes(s, k), gs = acts_group_sums_per_row(s, k);
+  py::array_t<uint8_t> data({py::ssize_t(rows), py::ssize_t(rb)});
+  py::array_t<float> scale{py::ssize_t(rows)};
+  py::array_t<int32_t> sums({py::ssize_t(rows), py::ssize_t(gs)});
+  ActsBuffer b;
+  b.data = data.mutable_data();
+  b.row_bytes = rb;
+  b.row_scale = scale.mutable_data();
+  b.group_sums = sums.mutable_data();
+  b.group_sums_stride = gs;
+  fk.prepare_acts(x.data(), rows, k, k, b);
+  return py::make_tuple(data, scale, sums);
+}
+
+struct PyMoe {
+  std::shared_ptr<ThreadPool> pool;  // keeps the pool alive as long as a layer uses it
+  std::unique_ptr<MoeLayer> layer;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_kt_kernel, m) {
+  m.doc() = "kt_kernel native module (use the kt_kernel package, not this module)";
+  m.attr("PACKED_LAYOUT_VERSION") = kPackedLayoutVersion;
+  m.def("cpu_info", &cpu_info);
+  m.def("backends", &available_backends);
+  m.def("known_backends", &known_backends);
+  m.def("backend_unavailable_reason", &backend_unavailable_reason);
+  m.def("set_backend", &set_backend);
+  m.def("current_backend", [] { return std::string(current_kernels().name); });
+  m.def("last_used_backend", &last_used_backend);
+  m.def("format_provider", [](const std::string& b, int s) { return format_provider(b, to_scheme(s)); });
+  m.def("pack_matrix", &pack_to_array);
+  m.def("unpack_matrix", &unpack_from_array);
+  m.def("packed_geometry", &geometry);
+  m.def("prepare_acts", &prepare_acts);
+
+  py::class_<ThreadPool, std::shared_ptr<ThreadPool>>(m, "ThreadPool")
+      .def(py::init([](int threads, std::vector<int> nodes, bool pin) {
+             if (threads < 1) throw std::invalid_argument("cpuinfer_threads must be >= 1");
+             if (nodes.empty()) throw std::invalid_argument("need at least one sub-pool");
+             if (int(nodes.size()) > threads) throw std::invalid_argument("more NUMA sub-pools than threads");
+             return std::make_shared<ThreadPool>(threads, nodes, pin);
+           }),
+           py::arg("threads"), py::arg("numa_nodes"), py::arg("pin"))
+      .def_property_readonly("num_threads", &ThreadPool::num_threads)
+      .def_property_readonly("num_subpools", &ThreadPool::num_subpools)
+      .def_property_readonly("numa_nodes", &ThreadPool::subpool_numa_nodes)
+      .def("run_empty_jobs", [](ThreadPool& p, size_t n) {
+        // Dispatch-latency probe for the bench: n empty jobs of one task per thread.
+        py::gil_scoped_release nogil;
+        for (size_t i = 0; i < n; ++i) p.parallel_for(size_t(p.num_threads()), [](size_t, int) {});
+      });
+
+  py::class_<PyMoe>(m, "MoeLayer")
+      .def(py::init([](std::shared_ptr<ThreadPool> pool, uint32_t E, uint32_t k, uint32_t H, uint32_t I, int scheme,
+                       uint32_t group, float limit, float alpha) {
+             MoeConfig c;
+             c.num_experts = E;
+             c.top_k = k;
+             c.hidden = H;
+             c.intermediate = I;
+             c.scheme = to_scheme(scheme);
+             c.group_size = group;
+             c.activation.swiglu_limit = limit;
+             c.activation.swiglu_alpha = alpha;
+             auto p = std::make_unique<PyMoe>();
+             p->pool = pool;
+             p->layer = std::make_unique<MoeLayer>(c, *pool);
+             return p;
+           }),
+           py::arg("pool"), py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
+           py::arg("scheme"), py::arg("group_size"), py::arg("swiglu_limit"), py::arg("swiglu_alpha"))
+      .def("load_dense",
+           [](PyMoe& self, uintptr_t gate, uintptr_t up, uintptr_t down, int dtype, uint32_t num_logical,
+              uintptr_t map, uintptr_t load_mask) {
+             py::gil_scoped_release nogil;
+             self.layer->load_dense(ptr<void>(gate), ptr<void>(up), ptr<void>(down), to_dtype(dtype), num_logical,
+                                    map ? ptr<int64_t>(map) : nullptr, load_mask ? ptr<uint8_t>(load_mask) : nullptr);
+           })
+      .def("forward",
+           [](PyMoe& self, size_t tokens, uintptr_t x, int x_dtype, size_t x_stride, uintptr_t ids, bool ids_int64,
+              size_t ids_stride, uintptr_t w, int w_dtype, size_t w_stride, uintptr_t mask, uintptr_t y, int y_dtype,
+              size_t y_stride) {
+             MoeForwardArgs a;
+             a.tokens = tokens;
+             a.x = ptr<void>(x);
+             a.x_dtype = to_dtype(x_dtype);
+             a.x_stride = x_stride;
+             a.ids = ptr<void>(ids);
+             a.ids_int64 = ids_int64;
+             a.ids_stride = ids_stride;
+             a.weights = ptr<void>(w);
+             a.weights_dtype = to_dtype(w_dtype);
+             a.weights_stride = w_stride;
+             a.skip_mask = mask ? ptr<uint8_t>(mask) : nullptr;
+             a.y = reinterpret_cast<void*>(y);
+             a.y_dtype = to_dtype(y_dtype);
+             a.y_stride = y_stride;
+             py::gil_scoped_release nogil;
+             self.layer->forward(a);
+           })
+      .def("slot_loaded", [](PyMoe& self, uint32_t s) { return self.layer->slot_loaded(s); })
+      .def_property_readonly("packed_bytes", [](PyMoe& self) { return self.layer->packed_bytes(); })
+      .def("unpack_expert",
+           [](PyMoe& self, uint32_t slot, int which) {
+             const MoeConfig& c = self.layer->config();
+             const size_t r = which == 2 ? c.hidden : c.intermediate, k = which == 2 ? c.intermediate : c.hidden;
+             py::array_t<double> out({py::ssize_t(r), py::ssize_t(k)});
+             self.layer->unpack_expert(slot, which, out.mutable_data());
+             return out;
+           })
+      .def("set_capture", [](PyMoe& self, bool on) { self.layer->set_capture(on); })
+      .def("captured_intermediate",
+           [](PyMoe& self) {
+             const auto& v = self.layer->captured_intermediate();
+             const size_t I = self.layer->config().intermediate;
+             py::array_t<float> out({py::ssize_t(I ? v.size() / I : 0), py::ssize_t(I)});
+             if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(float));
+             return out;
+           })
+      .def("slice_range", [](PyMoe& self, int s) { return self.layer->slice_range(s); });
+}

@@ -1,0 +1,402 @@
+// Orchestration of one MoE layer call. Per pass of at most kMaxTokensPerPass
+// tokens:
+//   1. bucket the pairs by expert (routing.cpp);
+//   2. convert x to fp32 and encode it once for the format (all experts and
+//      all NUMA slices read the same encoded rows);
+//   3. gate/up + activation: tasks = (slice, expert, block of rows), largest
+//      experts first, each slice's tasks on its own sub-pool;
+//   4. encode the intermediate once per pair row (over the full I, so the
+//      result does not depend on the NUMA split);
+//   5. down + weighted combine: tasks = (slice, block of output rows), each
+//      looping over the active experts, so no two tasks write the same
+//      output element and no per-pair output buffer is needed;
+//   6. sum the slices' partial outputs and convert to the caller's dtype.
+#include "kt_kernel/moe_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "aligned_buffer.h"
+#include "kt_kernel/dispatch.h"
+#include "kt_kernel/pack.h"
+#include "moe/routing.h"
+#include "thread_pool.h"
+
+namespace kt {
+namespace {
+
+// Tokens per internal pass. Bounds the scratch memory (about
+// 1024 * top_k * I * 6 bytes for the intermediate, e.g. 100 MB for
+// DeepSeek-V3) while leaving each expert of a 128-expert top-8 model about 64
+// tokens, enough for the GEMM kernels to run at full speed.
+constexpr size_t kMaxTokensPerPass = 1024;
+
+// Slices of the intermediate dimension start on multiples of this many
+// columns (kColPad, and any INT4 group up to 128), so every slice's packed K
+// is whole groups and its activation view stays aligned.
+constexpr uint32_t kSliceAlign = 128;
+
+float load_x(const void* x, DType dt, size_t i) {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(x)[i];
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
+    case DType::kF64: return float(static_cast<const double*>(x)[i]);
+  }
+  return 0.0f;
+}
+
+void store_y(void* y, DType dt, size_t i, float v) {
+  switch (dt) {
+    case DType::kF32: static_cast<float*>(y)[i] = v; break;
+    case DType::kBF16: static_cast<uint16_t*>(y)[i] = f32_to_bf16(v); break;
+    case DType::kF16: static_cast<uint16_t*>(y)[i] = f32_to_f16(v); break;
+    case DType::kF64: static_cast<double*>(y)[i] = v; break;
+  }
+}
+
+// Encoded activation rows of one format (the ActsBuffer's storage).
+struct EncodedRows {
+  AlignedBuffer data, scale, sums;
+  ActsBuffer buffer;
+
+  void reserve(QuantScheme s, size_t rows, size_t k) {
+    buffer.row_bytes = acts_row_bytes(s, k);
+    buffer.group_sums_stride = acts_group_sums_per_row(s, k);
+    data.ensure(std::max<size_t>(1, rows * buffer.row_bytes));
+    scale.ensure(std::max<size_t>(1, rows) * sizeof(float));
+    sums.ensure(std::max<size_t>(1, rows * buffer.group_sums_stride) * sizeof(int32_t));
+    buffer.data = data.data();
+    buffer.row_scale = reinterpret_cast<float*>(scale.data());
+    buffer.group_sums = reinterpret_cast<int32_t*>(sums.data());
+  }
+
+  // A view of rows [row0, row0 + rows) from column col0 (a multiple of 64).
+  ActsView view(QuantScheme s, size_t row0, size_t rows, size_t col0, const int32_t* row_index) const {
+    ActsView v;
+    const size_t elem = s == QuantScheme::kBF16 ? 2 : 1;
+    v.data = buffer.data + row0 * buffer.row_bytes + col0 * elem;
+    v.row_bytes = buffer.row_bytes;
+    v.row_scale = buffer.row_scale + row0;
+    v.group_sums = buffer.group_sums_stride ? buffer.group_sums + row0 * buffer.group_sums_stride + col0 / kActSumGroup
+                                            : nullptr;
+    v.group_sums_stride = buffer.group_sums_stride;
+    v.row_index = row_index;
+    v.rows = rows;
+    return v;
+  }
+};
+
+struct GateUpTask {
+  uint32_t expert, block_begin, block_end;
+};
+
+struct DownTask {
+  uint32_t block_begin, block_end;
+};
+
+// Scratch shared by every layer of the process: layers run one at a time
+// (they share the one worker pool), so one arena serves them all.
+struct Scratch {
+  std::mutex mutex;
+  AlignedBuffer xf, h, y;
+  EncodedRows qx, hq;
+  Routing routing;
+  std::vector<std::vector<GateUpTask>> gate_up_tasks;
+  std::vector<std::vector<DownTask>> down_tasks;
+  std::vector<float*> out_rows;
+};
+
+Scratch& scratch() {
+  static Scratch s;
+  return s;
+}
+
+// Splits `blocks` row blocks of work `rows_work` each into roughly
+// `target_tasks` pieces, never smaller than `min_blocks`.
+uint32_t blocks_per_task(size_t blocks, double work_per_block, double work_per_task, uint32_t min_blocks) {
+  size_t per = size_t(std::ceil(work_per_task / std::max(1.0, work_per_block)));
+  per = std::max<size_t>(per, min_blocks);
+  per = std::min<size_t>(per, blocks);
+  return uint32_t(std::max<size_t>(per, 1));
+}
+
+}  // namespace
+
+struct MoeLayer::Slice {
+  uint32_t begin = 0, end = 0;  // columns of I
+  PackedGeometry gate_geo, down_geo;
+  AlignedBuffer gate, up, down;  // all experts, expert-major
+  std::vector<PackedMatrixView> gate_views, up_views, down_views;
+  uint32_t width() const { return end - begin; }
+};
+
+MoeLayer::MoeLayer(const MoeConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(pool) {
+  auto bad = [](const std::string& m) { throw std::invalid_argument(m); };
+  if (cfg.num_experts == 0) bad("num_experts must be positive");
+  if (cfg.top_k == 0) bad("num_experts_per_tok must be positive");
+  if (cfg.hidden == 0) bad("hidden_size must be positive");
+  if (cfg.intermediate == 0) bad("moe_intermediate_size must be positive");
+  if (scheme_is_int4(cfg.scheme) && cfg.group_size != 0) {
+    const uint32_t g = cfg.group_size;
+    if (g != 32 && g != 64 && g != 128) bad("group_size must be 32, 64 or 128 (or 0 for per channel), got " + std::to_string(g));
+    if (cfg.hidden % g) bad("hidden_size (" + std::to_string(cfg.hidden) + ") must be a multiple of group_size " + std::to_string(g));
+    if (cfg.intermediate % g)
+      bad("moe_intermediate_size (" + std::to_string(cfg.intermediate) + ") must be a multiple of group_size " + std::to_string(g));
+  } else if (!scheme_is_int4(cfg.scheme) && cfg.group_size != 0) {
+    bad("group_size applies to INT4 formats only");
+  }
+
+  const int n = pool.num_subpools();
+  const uint32_t units = (cfg.intermediate + kSliceAlign - 1) / kSliceAlign;
+  for (int s = 0; s < n; ++s) {
+    auto sl = std::make_unique<Slice>();
+    sl->begin = std::min(cfg.intermediate, uint32_t(uint64_t(units) * s / n) * kSliceAlign);
+    sl->end = std::min(cfg.intermediate, uint32_t(uint64_t(units) * (s + 1) / n) * kSliceAlign);
+    if (sl->width() > 0) {
+      if (!packed_geometry(cfg.scheme, sl->width(), cfg.hidden, cfg.group_size, &sl->gate_geo) ||
+          !packed_geometry(cfg.scheme, cfg.hidden, sl->width(), cfg.group_size, &sl->down_geo))
+        bad("unsupported matrix geometry for this format");
+    }
+    slices_.push_back(std::move(sl));
+  }
+  loaded_.assign(cfg.num_experts, 0);
+}
+
+MoeLayer::~MoeLayer() = default;
+
+std::pair<uint32_t, uint32_t> MoeLayer::slice_range(int s) const { return {slices_[size_t(s)]->begin, slices_[size_t(s)]->end}; }
+
+bool MoeLayer::slot_loaded(uint32_t slot) const { return slot < loaded_.size() && loaded_[slot]; }
+
+size_t MoeLayer::packed_bytes() const {
+  size_t total = 0;
+  for (const auto& sl : slices_) total += sl->width() ? (2 * sl->gate_geo.total_bytes + sl->down_geo.total_bytes) : 0;
+  size_t loaded = 0;
+  for (uint8_t l : loaded_) loaded += l;
+  return total * loaded;
+}
+
+void MoeLayer::load_dense(const void* gate, const void* up, const void* down, DType dt, uint32_t num_logical,
+                          const int64_t* slot_to_logical, const uint8_t* load_slot) {
+  const uint32_t E = cfg_.num_experts, I = cfg_.intermediate, H = cfg_.hidden;
+  if (!slot_to_logical && num_logical != E)
+    throw std::invalid_argument("without a physical-to-logical map the weights need num_experts experts");
+  std::vector<int64_t> logical(E);
+  for (uint32_t s = 0; s < E; ++s) {
+    logical[s] = slot_to_logical ? slot_to_logical[s] : int64_t(s);
+    if (logical[s] < 0 || logical[s] >= int64_t(num_logical))
+      throw std::invalid_argument("physical_to_logical_map[" + std::to_string(s) + "] = " + std::to_string(logical[s]) +
+                                  " is outside [0, " + std::to_string(num_logical) + ")");
+  }
+  const size_t esize = dtype_size(dt);
+  // Allocate every slice's arena; pages are first touched by the packing
+  // threads of the slice's own sub-pool.
+  for (auto& sl : slices_) {
+    if (!sl->width()) continue;
+    sl->gate = AlignedBuffer(sl->gate_geo.total_bytes * E);
+    sl->up = AlignedBuffer(sl->gate_geo.total_bytes * E);
+    sl->down = AlignedBuffer(sl->down_geo.total_bytes * E);
+    sl->gate_views.resize(E);
+    sl->up_views.resize(E);
+    sl->down_views.resize(E);
+    for (uint32_t e = 0; e < E; ++e) {
+      sl->gate_views[e] = make_packed_view(cfg_.scheme, sl->gate_geo, sl->gate.data() + e * sl->gate_geo.total_bytes);
+      sl->up_views[e] = make_packed_view(cfg_.scheme, sl->gate_geo, sl->up.data() + e * sl->gate_geo.total_bytes);
+      sl->down_views[e] = make_packed_view(cfg_.scheme, sl->down_geo, sl->down.data() + e * sl->down_geo.total_bytes);
+    }
+  }
+  std::vector<size_t> counts(slices_.size(), size_t(E) * 3);
+  pool_.parallel_for_subpools(counts.data(), [&](int s, size_t task, int) {
+    Slice& sl = *slices_[size_t(s)];
+    const uint32_t e = uint32_t(task / 3);
+    const int which = int(task % 3);
+    if (!sl.width() || (load_slot && !load_slot[e])) return;
+    const size_t lg = size_t(logical[e]);
+    const uint8_t* g = static_cast<const uint8_t*>(gate) + lg * I * H * esize;
+    const uint8_t* u = static_cast<const uint8_t*>(up) + lg * I * H * esize;
+    const uint8_t* d = static_cast<const uint8_t*>(down) + lg * H * I * esize;
+    if (which == 0)
+      pack_matrix(cfg_.scheme, sl.gate_geo, g + size_t(sl.begin) * H * esize, dt, H, sl.gate.data() + e * sl.gate_geo.total_bytes);
+    else if (which == 1)
+      pack_matrix(cfg_.scheme, sl.gate_geo, u + size_t(sl.begin) * H * esize, dt, H, sl.up.data() + e * sl.gate_geo.total_bytes);
+    else
+      pack_matrix(cfg_.scheme, sl.down_geo, d, dt, I, sl.down.data() + e * sl.down_geo.total_bytes, sl.begin, I);
+  });
+  for (uint32_t e = 0; e < E; ++e) loaded_[e] = load_slot ? (load_slot[e] ? 1 : 0) : 1;
+}
+
+void MoeLayer::unpack_expert(uint32_t slot, int which, double* out) const {
+  if (slot >= cfg_.num_experts || !loaded_[slot]) throw std::invalid_argument("expert slot is not loaded");
+  if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (gate), 1 (up) or 2 (down)");
+  const uint32_t I = cfg_.intermediate, H = cfg_.hidden;
+  for (const auto& sl : slices_) {
+    if (!sl->width()) continue;
+    const PackedGeometry& geo = which == 2 ? sl->down_geo : sl->gate_geo;
+    const AlignedBuffer& buf = which == 0 ? sl->gate : (which == 1 ? sl->up : sl->down);
+    std::vector<double> part(size_t(geo.rows) * geo.cols);
+    unpack_matrix(cfg_.scheme, geo, buf.data() + slot * geo.total_bytes, part.data());
+    for (size_t r = 0; r < geo.rows; ++r)
+      for (size_t c = 0; c < geo.cols; ++c) {
+        if (which == 2)
+          out[r * I + sl->begin + c] = part[r * geo.cols + c];
+        else
+          out[(sl->begin + r) * H + c] = part[r * geo.cols + c];
+      }
+  }
+}
+
+void MoeLayer::set_capture(bool on) {
+  capture_on_ = on;
+  if (!on) capture_.clear();
+}
+
+void MoeLayer::forward(const MoeForwardArgs& args) {
+  const KernelTable& kt = current_kernels();
+  const FormatKernels& fk = kernels_for(kt, cfg_.scheme);
+  if (!fk.prepare_acts || !fk.gate_up || !fk.down)
+    throw std::logic_error(std::string("backend ") + kt.name + " has no kernels for this format");
+  std::lock_guard<std::mutex> lock(scratch().mutex);
+  if (capture_on_) capture_.assign(args.tokens * cfg_.top_k * cfg_.intermediate, std::numeric_limits<float>::quiet_NaN());
+  for (size_t t0 = 0; t0 < args.tokens; t0 += kMaxTokensPerPass)
+    forward_pass(args, t0, std::min(kMaxTokensPerPass, args.tokens - t0), kt);
+  note_backend_used(kt);
+}
+
+void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, const KernelTable& kt) {
+  const FormatKernels& fk = kernels_for(kt, cfg_.scheme);
+  const QuantScheme scheme = cfg_.scheme;
+  const uint32_t H = cfg_.hidden, I = cfg_.intermediate, K = cfg_.top_k;
+  const int S = int(slices_.size());
+  const int threads = pool_.num_threads();
+  Scratch& sc = scratch();
+  Routing& rt = sc.routing;
+
+  // 1. Routing (reads ids and weights once; nothing else reads them later).
+  const int64_t missing = build_routing(args, t0, T, cfg_.num_experts, K, loaded_.data(), &rt);
+  if (missing >= 0)
+    throw std::runtime_error("expert " + std::to_string(missing) +
+                             " is routed to the CPU but its weights were not loaded (it was marked as GPU-resident at load time)");
+  const size_t P = rt.pairs;
+
+  // 2. x -> fp32 -> format encoding; zero the slices' partial outputs.
+  const size_t ldy = H;
+  sc.xf.ensure(T * H * sizeof(float));
+  sc.y.ensure(size_t(S) * T * ldy * sizeof(float));
+  sc.qx.reserve(scheme, T, H);
+  float* xf = reinterpret_cast<float*>(sc.xf.data());
+  float* ybuf = reinterpret_cast<float*>(sc.y.data());
+  const size_t rows_per_task = std::max<size_t>(1, (T + size_t(threads) * 4 - 1) / (size_t(threads) * 4));
+  const size_t row_tasks = (T + rows_per_task - 1) / rows_per_task;
+  pool_.parallel_for(row_tasks, [&](size_t task, int) {
+    const size_t r0 = task * rows_per_task, r1 = std::min(T, r0 + rows_per_task);
+    for (size_t t = r0; t < r1; ++t) {
+      for (size_t c = 0; c < H; ++c) xf[t * H + c] = load_x(args.x, args.x_dtype, (t0 + t) * args.x_stride + c);
+      for (int s = 0; s < S; ++s) std::memset(ybuf + (size_t(s) * T + t) * ldy, 0, H * sizeof(float));
+    }
+    ActsBuffer b = sc.qx.buffer;
+    b.data += r0 * b.row_bytes;
+    b.row_scale += r0;
+    b.group_sums += r0 * b.group_sums_stride;
+    fk.prepare_acts(xf + r0 * H, r1 - r0, H, H, b);
+  });
+
+  if (P > 0) {
+    // 3. gate/up: tasks sized so that every thread gets several, large experts first.
+    const size_t ldh = I;
+    sc.h.ensure(P * ldh * sizeof(float));
+    float* h = reinterpret_cast<float*>(sc.h.data());
+    sc.gate_up_tasks.resize(size_t(S));
+    std::vector<size_t> counts(static_cast<size_t>(S));
+    for (int s = 0; s < S; ++s) {
+      auto& tasks = sc.gate_up_tasks[size_t(s)];
+      tasks.clear();
+      const Slice& sl = *slices_[size_t(s)];
+      if (!sl.width()) continue;
+      const size_t blocks = sl.gate_geo.rows_padded / kRowBlock;
+      const double total = double(P) * double(blocks);
+      const int slice_threads = std::max(1, threads / S);
+      const double per_task = total / (8.0 * slice_threads);
+      for (int32_t e : rt.active) {
+        const size_t c = size_t(rt.count[size_t(e)]);
+        const uint32_t per = blocks_per_task(blocks, double(c), per_task, c >= 16 ? 4 : 1);
+        for (uint32_t b = 0; b < blocks; b += per)
+          tasks.push_back({uint32_t(e), b, uint32_t(std::min<size_t>(blocks, b + per))});
+      }
+      counts[size_t(s)] = tasks.size();
+    }
+    pool_.parallel_for_subpools(counts.data(), [&](int s, size_t i, int) {
+      const Slice& sl = *slices_[size_t(s)];
+      const GateUpTask& tk = sc.gate_up_tasks[size_t(s)][i];
+      const size_t off = size_t(rt.offset[tk.expert]);
+      const ActsView a = sc.qx.view(scheme, 0, size_t(rt.count[tk.expert]), 0, rt.pair_token.data() + off);
+      fk.gate_up(sl.gate_views[tk.expert], sl.up_views[tk.expert], tk.block_begin, tk.block_end, a, cfg_.activation,
+                 h + off * ldh + sl.begin, ldh);
+    });
+    if (capture_on_)
+      for (size_t p = 0; p < P; ++p)
+        std::memcpy(&capture_[(t0 * K + size_t(rt.pair_slot[p])) * I], h + p * ldh, I * sizeof(float));
+
+    // 4. Encode the intermediate, one row per pair.
+    sc.hq.reserve(scheme, P, I);
+    const size_t pairs_per_task = std::max<size_t>(1, (P + size_t(threads) * 4 - 1) / (size_t(threads) * 4));
+    pool_.parallel_for((P + pairs_per_task - 1) / pairs_per_task, [&](size_t task, int) {
+      const size_t p0 = task * pairs_per_task, p1 = std::min(P, p0 + pairs_per_task);
+      ActsBuffer b = sc.hq.buffer;
+      b.data += p0 * b.row_bytes;
+      b.row_scale += p0;
+      b.group_sums += p0 * b.group_sums_stride;
+      fk.prepare_acts(h + p0 * ldh, p1 - p0, I, ldh, b);
+    });
+
+    // 5. down + weighted combine into each slice's partial output.
+    sc.out_rows.resize(size_t(S) * P);
+    for (int s = 0; s < S; ++s)
+      for (size_t p = 0; p < P; ++p)
+        sc.out_rows[size_t(s) * P + p] = ybuf + (size_t(s) * T + size_t(rt.pair_token[p])) * ldy;
+    sc.down_tasks.resize(size_t(S));
+    const size_t hblocks = (H + kRowBlock - 1) / kRowBlock;
+    for (int s = 0; s < S; ++s) {
+      auto& tasks = sc.down_tasks[size_t(s)];
+      tasks.clear();
+      if (!slices_[size_t(s)]->width()) {
+        counts[size_t(s)] = 0;
+        continue;
+      }
+      const int slice_threads = std::max(1, threads / S);
+      const uint32_t per = blocks_per_task(hblocks, 1.0, double(hblocks) / (8.0 * slice_threads), P >= 64 ? 4 : 1);
+      for (uint32_t b = 0; b < hblocks; b += per) tasks.push_back({b, uint32_t(std::min<size_t>(hblocks, b + per))});
+      counts[size_t(s)] = tasks.size();
+    }
+    pool_.parallel_for_subpools(counts.data(), [&](int s, size_t i, int) {
+      const Slice& sl = *slices_[size_t(s)];
+      const DownTask& tk = sc.down_tasks[size_t(s)][i];
+      for (int32_t e : rt.active_by_id) {
+        const size_t off = size_t(rt.offset[size_t(e)]);
+        const ActsView a = sc.hq.view(scheme, off, size_t(rt.count[size_t(e)]), sl.begin, nullptr);
+        fk.down(sl.down_views[size_t(e)], tk.block_begin, tk.block_end, a, rt.pair_weight.data() + off,
+                sc.out_rows.data() + size_t(s) * P + off);
+      }
+    });
+  }
+
+  // 6. Sum slices, convert to the caller's dtype.
+  pool_.parallel_for(row_tasks, [&](size_t task, int) {
+    const size_t r0 = task * rows_per_task, r1 = std::min(T, r0 + rows_per_task);
+    for (size_t t = r0; t < r1; ++t) {
+      float* y0 = ybuf + t * ldy;
+      for (int s = 1; s < S; ++s) {
+        const float* ys = ybuf + (size_t(s) * T + t) * ldy;
+        for (size_t c = 0; c < H; ++c) y0[c] += ys[c];
+      }
+      for (size_t c = 0; c < H; ++c) store_y(args.y, args.y_dtype, (t0 + t) * args.y_stride + c, y0[c]);
+    }
+  });
+}
+
+}  // namespace kt

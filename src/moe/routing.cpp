@@ -1,0 +1,66 @@
+#include "moe/routing.h"
+
+#include <algorithm>
+
+namespace kt {
+namespace {
+
+int64_t load_id(const MoeForwardArgs& a, size_t t, size_t j) {
+  if (a.ids_int64) return static_cast<const int64_t*>(a.ids)[t * a.ids_stride + j];
+  return static_cast<const int32_t*>(a.ids)[t * a.ids_stride + j];
+}
+
+float load_weight(const MoeForwardArgs& a, size_t t, size_t j) {
+  const size_t i = t * a.weights_stride + j;
+  switch (a.weights_dtype) {
+    case DType::kF32: return static_cast<const float*>(a.weights)[i];
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(a.weights)[i]);
+    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(a.weights)[i]);
+    case DType::kF64: return float(static_cast<const double*>(a.weights)[i]);
+  }
+  return 0.0f;
+}
+
+}  // namespace
+
+int64_t build_routing(const MoeForwardArgs& args, size_t t0, size_t n, uint32_t num_experts, uint32_t top_k,
+                      const uint8_t* loaded, Routing* r) {
+  r->count.assign(num_experts, 0);
+  r->offset.resize(size_t(num_experts) + 1);
+  auto routed = [&](int64_t e) {
+    return e >= 0 && e < int64_t(num_experts) && !(args.skip_mask && args.skip_mask[e]);
+  };
+  for (size_t t = t0; t < t0 + n; ++t)
+    for (size_t j = 0; j < top_k; ++j) {
+      const int64_t e = load_id(args, t, j);
+      if (!routed(e)) continue;
+      if (!loaded[e]) return e;
+      ++r->count[size_t(e)];
+    }
+  r->offset[0] = 0;
+  for (uint32_t e = 0; e < num_experts; ++e) r->offset[e + 1] = r->offset[e] + r->count[e];
+  r->pairs = size_t(r->offset[num_experts]);
+  r->pair_token.resize(r->pairs);
+  r->pair_weight.resize(r->pairs);
+  r->pair_slot.resize(r->pairs);
+  std::vector<int32_t>& cursor = r->active;  // reused as a cursor, rebuilt below
+  cursor.assign(r->offset.begin(), r->offset.end() - 1);
+  for (size_t t = t0; t < t0 + n; ++t)
+    for (size_t j = 0; j < top_k; ++j) {
+      const int64_t e = load_id(args, t, j);
+      if (!routed(e)) continue;
+      const int32_t p = cursor[size_t(e)]++;
+      r->pair_token[size_t(p)] = int32_t(t - t0);
+      r->pair_weight[size_t(p)] = load_weight(args, t, j);
+      r->pair_slot[size_t(p)] = int32_t((t - t0) * top_k + j);
+    }
+  r->active_by_id.clear();
+  for (uint32_t e = 0; e < num_experts; ++e)
+    if (r->count[e] > 0) r->active_by_id.push_back(int32_t(e));
+  r->active = r->active_by_id;
+  std::stable_sort(r->active.begin(), r->active.end(),
+                   [&](int32_t a, int32_t b) { return r->count[size_t(a)] > r->count[size_t(b)]; });
+  return -1;
+}
+
+}  // namespace kt

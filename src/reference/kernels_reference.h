@@ -1,0 +1,20 @@
+// Scalar helpers shared by the reference kernels and the packers (baseline
+// code only; ISA folders reimplement what they need).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kt_kernel/kernel_table.h"
+
+namespace kt {
+namespace ref {
+
+// Quantises k floats to int8 per the activation contract; returns the scale.
+float quantize_row_i8(const float* x, size_t k, int8_t* q);
+
+// The gated activation of ActivationParams, in fp32.
+float activation(float gate, float up, const ActivationParams& p);
+
+}  // namespace ref
+}  // namespace kt

@@ -1,0 +1,311 @@
+// ThreadPool implementation (contract in thread_pool.h).
+//
+// A job is published by bumping generation_; every worker takes part in
+// every job: it sees the new generation, runs tasks from the per-queue
+// counters until all are claimed, then decrements busy_workers_. The caller
+// runs its own share as thread 0 and returns only when busy_workers_ is 0, so
+// when parallel_for returns no worker still holds the job (which lives on the
+// caller's stack) and the next job can be published at once.
+//
+// Waiting, on both sides, is a short spin (pause) followed by a sleep on a
+// condition variable. Lost wake-ups are excluded by the Dekker pattern on
+// sequentially consistent atomics: the sleeper announces itself (sleeping_,
+// caller_sleeping_) before re-checking its condition under mutex_, and the
+// waker changes the condition before reading the announcement and, if set,
+// takes and releases mutex_ before notifying.
+#include "thread_pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <stdexcept>
+
+#include "topology.h"
+
+namespace kt {
+namespace {
+
+// How long a worker keeps spinning after a job before it sleeps: long enough
+// that the next step of a layer (launched microseconds later) finds it awake,
+// short enough that an idle pool stops burning CPU almost at once.
+constexpr std::chrono::nanoseconds kWorkerSpinBudget{80'000};
+// How long the caller, its own share done, spins for the workers before it
+// sleeps. Longer: tasks come from a shared counter, so the workers normally
+// finish within one task of the caller, and a worker that had to be woken
+// from sleep first may take 10-200 us to get a CPU back (more in a VM);
+// sleeping then would add a second wake-up to the job.
+constexpr std::chrono::nanoseconds kCallerSpinBudget{1'000'000};
+// Pauses between two reads of the clock (a pause is 10-140 cycles).
+constexpr int kPausesPerClockRead = 16;
+// A spinning thread also yields the CPU this often: the scheduler likes to
+// wake a sleeping worker on the waker's CPU, and without yields the worker,
+// its share done, would spin its whole budget while the caller it waits for
+// sits in the same run queue.
+constexpr std::chrono::nanoseconds kYieldInterval{5'000};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Returns true as soon as done() holds, false if it still does not after
+// `budget`. `always_yield`: yield instead of pausing (more threads than
+// CPUs).
+template <typename Pred>
+bool spin_until(Pred done, bool always_yield, std::chrono::nanoseconds budget) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  auto last_yield = start;
+  for (;;) {
+    for (int i = 0; i < kPausesPerClockRead; ++i) {
+      if (done()) return true;
+      if (always_yield) std::this_thread::yield();
+      else cpu_relax();
+    }
+    const auto now = Clock::now();
+    if (now - start > budget) return done();
+    if (now - last_yield > kYieldInterval) {
+      std::this_thread::yield();
+      last_yield = now;
+    }
+  }
+}
+
+// Set while the thread runs a task (and for the whole life of a worker):
+// a parallel_for issued from there runs inline.
+thread_local const ThreadPool* t_pool = nullptr;
+thread_local int t_thread = 0;
+
+// Marks the calling thread as running tasks of `pool` as `thread`; restores
+// the previous marking on scope exit (including by exception).
+class TaskScope {
+ public:
+  TaskScope(const ThreadPool* pool, int thread) : prev_pool_(t_pool), prev_thread_(t_thread) {
+    t_pool = pool;
+    t_thread = thread;
+  }
+  ~TaskScope() {
+    t_pool = prev_pool_;
+    t_thread = prev_thread_;
+  }
+  TaskScope(const TaskScope&) = delete;
+  TaskScope& operator=(const TaskScope&) = delete;
+
+ private:
+  const ThreadPool* prev_pool_;
+  int prev_thread_;
+};
+
+using FlatFn = FunctionRef<void(size_t, int)>;
+using SubpoolFn = FunctionRef<void(int, size_t, int)>;
+
+void invoke_flat(const void* fn, int /*queue*/, size_t task, int thread) {
+  (*static_cast<const FlatFn*>(fn))(task, thread);
+}
+
+void invoke_subpool(const void* fn, int queue, size_t task, int thread) {
+  (*static_cast<const SubpoolFn*>(fn))(queue, task, thread);
+}
+
+}  // namespace
+
+// One parallel_for call. Queue q has counts[q] tasks, claimed through
+// counters_[q]; parallel_for uses one queue shared by all threads,
+// parallel_for_subpools one queue per sub-pool.
+struct ThreadPool::Job {
+  int num_queues;
+  const size_t* counts;
+  const void* fn;  // the caller's FunctionRef
+  void (*invoke)(const void* fn, int queue, size_t task, int thread);
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // written once, by the thread that set `failed`
+};
+
+ThreadPool::ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin)
+    : num_threads_(num_threads), subpool_nodes_(subpool_numa_nodes) {
+  if (num_threads_ < 1) throw std::invalid_argument("ThreadPool: num_threads must be >= 1");
+  if (subpool_nodes_.empty()) subpool_nodes_.push_back(topology().nodes.front().os_index);
+  const size_t n = size_t(num_threads_);
+  const size_t num_sub = subpool_nodes_.size();
+  thread_subpool_.assign(n, 0);
+  for (size_t t = 0; t < n; ++t) thread_subpool_[t] = int(t);  // n < num_sub: one thread each
+  if (n >= num_sub) {
+    for (size_t s = 0; s < num_sub; ++s)
+      for (size_t t = s * n / num_sub; t < (s + 1) * n / num_sub; ++t) thread_subpool_[t] = int(s);
+  }
+  counters_ = std::vector<TaskCounter>(num_sub);
+  // Unpinned workers inherit the caller's affinity (taskset, a launcher);
+  // pinned ones may use every CPU of their node.
+  int cpus = topology().num_pus;
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (!pin && sched_getaffinity(0, sizeof(allowed), &allowed) == 0) cpus = std::max(1, CPU_COUNT(&allowed));
+  oversubscribed_ = num_threads_ > cpus;
+
+  workers_.reserve(n - 1);
+  try {
+    for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this, t, pin] { worker_main(t, pin); });
+  } catch (...) {
+    stop_workers();
+    throw;
+  }
+}
+
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+    job_.store(nullptr);
+    generation_.fetch_add(1);
+    wake_.notify_all();
+  }
+  for (std::thread& w : workers_)
+    if (w.joinable()) w.join();
+  workers_.clear();
+}
+
+void ThreadPool::worker_main(int thread, bool pin) {
+  TaskScope scope(this, thread);
+  char name[16];
+  std::snprintf(name, sizeof(name), "kt-worker-%d", thread);
+  pthread_setname_np(pthread_self(), name);
+  if (pin) {
+    const size_t n = size_t(num_threads_);
+    const size_t num_sub = subpool_nodes_.size();
+    const int s = thread_subpool_[size_t(thread)];
+    const int first = n >= num_sub ? int(size_t(s) * n / num_sub) : s;
+    pin_current_thread(subpool_nodes_[size_t(s)], thread - first);  // unknown node: stays unpinned
+  }
+
+  uint64_t seen = 0;  // no job can have been published before the pool existed
+  for (;;) {
+    seen = wait_for_next_job(seen);
+    Job* job = job_.load(std::memory_order_acquire);
+    if (job == nullptr) return;  // stop_workers()
+    do_job_share(job, thread);
+    // After this decrement the job may be gone; only pool members are touched.
+    if (busy_workers_.fetch_sub(1) == 1) {
+      if (caller_sleeping_.load()) {
+        { std::lock_guard<std::mutex> lock(mutex_); }  // the caller is now waiting, or will see 0
+        done_.notify_one();
+      } else if (sched_getcpu() == caller_cpu_.load(std::memory_order_relaxed)) {
+        // The caller spins in this CPU's run queue (the scheduler tends to
+        // put a worker next to the thread that created or woke it): let it
+        // run now rather than after a spin interval.
+        std::this_thread::yield();
+      }
+    }
+  }
+}
+
+uint64_t ThreadPool::wait_for_next_job(uint64_t seen) {
+  auto published = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+  if (!spin_until(published, oversubscribed_, kWorkerSpinBudget)) {
+    sleeping_.fetch_add(1);
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
+    }
+    sleeping_.fetch_sub(1);
+  }
+  // Exactly seen + 1: the caller waits for every worker before it can
+  // publish again.
+  return generation_.load(std::memory_order_acquire);
+}
+
+void ThreadPool::wait_for_workers() {
+  auto finished = [&] { return busy_workers_.load(std::memory_order_acquire) == 0; };
+  if (spin_until(finished, oversubscribed_, kCallerSpinBudget)) return;
+  caller_sleeping_.store(true);
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return busy_workers_.load() == 0; });
+  }
+  caller_sleeping_.store(false);
+}
+
+void ThreadPool::do_job_share(Job* job, int thread) {
+  const int nq = job->num_queues;
+  const int first = nq == 1 ? 0 : thread_subpool_[size_t(thread)];
+  for (int k = 0; k < nq; ++k) {
+    const int q = first + k < nq ? first + k : first + k - nq;  // own queue, then the others
+    std::atomic<size_t>& next = counters_[size_t(q)].next;
+    const size_t count = job->counts[q];
+    for (;;) {
+      if (job->failed.load(std::memory_order_relaxed)) return;
+      if (next.load(std::memory_order_relaxed) >= count) break;
+      const size_t task = next.fetch_add(1, std::memory_order_relaxed);
+      if (task >= count) break;
+      try {
+        job->invoke(job->fn, q, task, thread);
+      } catch (...) {
+        if (!job->failed.exchange(true)) job->error = std::current_exception();
+        return;
+      }
+    }
+  }
+}
+
+void ThreadPool::run_job(Job* job) {
+  size_t total = 0;
+  for (int q = 0; q < job->num_queues; ++q) total += job->counts[q];
+  if (total == 0) return;
+  if (t_pool != nullptr || num_threads_ == 1 || total == 1) {
+    // Nested, single-threaded, or not worth waking anyone: serially, here,
+    // still marked as a task so that calls from it run inline too. The first
+    // exception propagates and skips the remaining tasks.
+    const int thread = t_pool == this ? t_thread : 0;
+    TaskScope scope(this, thread);
+    for (int q = 0; q < job->num_queues; ++q)
+      for (size_t task = 0; task < job->counts[q]; ++task) job->invoke(job->fn, q, task, thread);
+    return;
+  }
+
+  std::lock_guard<std::mutex> dispatch(dispatch_mutex_);
+  for (int q = 0; q < job->num_queues; ++q) counters_[size_t(q)].next.store(0, std::memory_order_relaxed);
+  job_.store(job, std::memory_order_relaxed);
+  busy_workers_.store(num_threads_ - 1, std::memory_order_relaxed);
+  caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
+  generation_.fetch_add(1);  // publishes the stores above
+  if (sleeping_.load() > 0) {
+    // Notified outside the lock, so that a woken worker does not block on
+    // mutex_ straight away; taking it first means any worker that checked
+    // the old generation under it is now waiting and gets the notification.
+    { std::lock_guard<std::mutex> lock(mutex_); }
+    wake_.notify_all();
+  }
+  {
+    TaskScope scope(this, 0);
+    do_job_share(job, 0);
+  }
+  wait_for_workers();
+  if (job->error) std::rethrow_exception(job->error);
+}
+
+void ThreadPool::parallel_for(size_t num_tasks, FunctionRef<void(size_t task, int thread)> fn) {
+  if (num_tasks == 0) return;
+  Job job;
+  job.num_queues = 1;
+  job.counts = &num_tasks;
+  job.fn = &fn;
+  job.invoke = invoke_flat;
+  run_job(&job);
+}
+
+void ThreadPool::parallel_for_subpools(const size_t* counts,
+                                       FunctionRef<void(int subpool, size_t task, int thread)> fn) {
+  Job job;
+  job.num_queues = num_subpools();
+  job.counts = counts;
+  job.fn = &fn;
+  job.invoke = invoke_subpool;
+  run_job(&job);
+}
+
+}  // namespace kt

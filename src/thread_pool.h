@@ -1,0 +1,114 @@
+// The worker pool every parallel step of the library runs on.
+//
+// Contract (after ruy's thread_pool.h): the calling thread participates as
+// thread 0; work is a count of tasks handed out by an atomic counter, so
+// faster threads take more; a job returns when every task has run exactly
+// once; the first exception thrown by a task is rethrown in the caller (the
+// remaining tasks of that job are skipped). Threads are grouped in sub-pools,
+// one per NUMA node; that is the only topology feature. No OpenMP: the host
+// process (PyTorch) runs its own.
+//
+// Workers spin briefly after a job (dispatch of the next job then costs a few
+// microseconds), then sleep on a condition variable so an idle pool burns no
+// CPU.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace kt {
+
+// A non-owning reference to a callable, cheaper than std::function (no
+// allocation, one indirect call per task).
+template <typename Signature>
+class FunctionRef;
+
+template <typename R, typename... Args>
+class FunctionRef<R(Args...)> {
+ public:
+  template <typename F>
+  FunctionRef(F&& f)  // NOLINT: implicit by design, like std::function
+      : obj_(const_cast<void*>(static_cast<const void*>(&f))),
+        call_([](void* o, Args... a) -> R { return (*static_cast<std::remove_reference_t<F>*>(o))(a...); }) {}
+  R operator()(Args... a) const { return call_(obj_, a...); }
+
+ private:
+  void* obj_;
+  R (*call_)(void*, Args...);
+};
+
+class ThreadPool {
+ public:
+  // num_threads: total threads including the caller (>= 1).
+  // subpool_numa_nodes: NUMA node (OS index) of each sub-pool; threads are
+  // spread evenly over sub-pools (sub-pool s gets threads
+  // [s*n/S, (s+1)*n/S); with fewer threads than sub-pools, thread t is in
+  // sub-pool t). The caller is thread 0 of sub-pool 0. Workers are
+  // pinned to the CPUs of their node when `pin` is true and the node exists.
+  ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+  int num_subpools() const { return int(subpool_nodes_.size()); }
+  int subpool_of_thread(int thread) const { return thread_subpool_[size_t(thread)]; }
+  const std::vector<int>& subpool_numa_nodes() const { return subpool_nodes_; }
+
+  // Runs fn(task, thread) for every task in [0, num_tasks). Blocks.
+  // Zero tasks return at once; one task, a one-thread pool, or a call made
+  // from inside a task (nested, any pool) run inline and serially on the
+  // calling thread (a nested call passes the caller's own thread index when
+  // it is this pool's thread, else 0). Calls from different threads are
+  // serialised.
+  void parallel_for(size_t num_tasks, FunctionRef<void(size_t task, int thread)> fn);
+
+  // Sub-pool s has counts[s] tasks of its own. Each thread runs its own
+  // sub-pool's tasks first, then helps the others. fn(subpool, task, thread).
+  void parallel_for_subpools(const size_t* counts, FunctionRef<void(int subpool, size_t task, int thread)> fn);
+
+ private:
+  struct Job;
+  struct alignas(64) TaskCounter {
+    std::atomic<size_t> next{0};
+  };
+  void worker_main(int thread, bool pin);
+  void run_job(Job* job);
+  void do_job_share(Job* job, int thread);
+  uint64_t wait_for_next_job(uint64_t seen);
+  void wait_for_workers();
+  void stop_workers();
+
+  int num_threads_;
+  std::vector<int> subpool_nodes_;
+  std::vector<int> thread_subpool_;
+  std::vector<std::thread> workers_;
+
+  std::vector<TaskCounter> counters_;  // one per sub-pool, reset per job
+
+  std::mutex dispatch_mutex_;  // serialises jobs from different callers
+  std::mutex mutex_;           // guards sleeping and waking (wake_, done_, stop_)
+  std::condition_variable wake_;  // workers: a new generation was published
+  std::condition_variable done_;  // caller: busy_workers_ reached 0
+  // Written by the caller when it publishes a job, read by spinning workers.
+  alignas(64) std::atomic<uint64_t> generation_{0};
+  std::atomic<Job*> job_{nullptr};
+  std::atomic<int> sleeping_{0};
+  std::atomic<int> caller_cpu_{-1};  // CPU the caller published the job from
+  // Written by workers as they finish, read by the spinning caller.
+  alignas(64) std::atomic<int> busy_workers_{0};
+  std::atomic<bool> caller_sleeping_{false};
+  bool stop_ = false;
+  // More threads than CPUs: waiting threads yield instead of pausing, so a
+  // spinning thread does not hold the CPU another thread needs.
+  bool oversubscribed_ = false;
+};
+
+}  // namespace kt

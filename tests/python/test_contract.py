@@ -1,0 +1,215 @@
+"""The CPU side of the INTERFACE.md contract: routing rules, the GPU mask,
+torch and NumPy inputs, output dtype, persistent buffers, thread-count and
+NUMA-split invariance, internal chunking."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+import kt_kernel
+from conftest import make_inputs, make_weights, make_wrapper
+from reference import moe_reference, rel_fro_err, rel_max_err
+
+E, K, H, I = 9, 3, 128, 128
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return make_weights(E, H, I, seed=7)
+
+
+def _wrapper(weights, method="AMXINT8", **kw):
+    wr = make_wrapper(E, K, H, I, method, **kw)
+    wr.load_weights_from_tensors(*weights)
+    return wr
+
+
+def test_constructor_signature_has_contract_names():
+    params = inspect.signature(kt_kernel.KTMoEWrapper.__new__).parameters
+    required = ["layer_idx", "num_experts", "num_experts_per_tok", "hidden_size", "moe_intermediate_size",
+                "gpu_experts_mask", "num_gpu_experts", "cpuinfer_threads", "threadpool_count", "numa_nodes",
+                "weight_path", "chunked_prefill_size", "cpu_save", "max_deferred_experts_per_token", "method",
+                "mode", "lora_rank", "lora_alpha", "lora_dropout", "max_cache_depth", "group_size", "zero_point",
+                "full_weight_grad", "swiglu_limit", "swiglu_alpha"]
+    missing = [p for p in required if p not in params]
+    assert not missing, missing
+    assert not any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+@pytest.mark.parametrize("method", ["BF16", "AMXINT8", "AMXINT4"])
+def test_skips_masked_negative_and_out_of_range(backend, weights, method):
+    x, ids, w = make_inputs(12, H, E, K, invalid_ids=True)
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[[1, 4]] = True
+    wr = _wrapper(weights, method, gpu_experts_mask=mask)
+    y = wr.forward(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w))
+    assert kt_kernel.last_used_backend() == backend
+    ref = moe_reference(x, ids, w, *weights, skip_mask=mask.numpy())
+    budget = {"BF16": 0.02, "AMXINT8": 0.06, "AMXINT4": 0.3}[method]
+    assert rel_fro_err(y.numpy(), ref) < budget
+
+
+def test_rows_without_cpu_expert_are_zero(backend, weights):
+    x, ids, w = make_inputs(6, H, E, K)
+    ids[2] = -1
+    ids[4] = [E, E + 1, -5]
+    wr = _wrapper(weights)
+    KTW = kt_kernel.KTMoEWrapper
+    KTW.set_capture_batch_sizes([6])
+    try:
+        out = wr.forward(x, ids, w)
+        out[:] = np.nan  # poison the persistent buffer: the next call must overwrite every element
+        out2 = wr.forward(x, ids, w)
+        assert out2 is out
+        assert np.isfinite(out2).all()
+        assert not out2[2].any() and not out2[4].any()
+        assert out2[0].any()
+    finally:
+        KTW.clear_buffer_cache()
+        KTW.set_capture_batch_sizes([])
+
+
+def test_mask_updated_in_place_is_honoured(backend, weights):
+    x, ids, w = make_inputs(8, H, E, K)
+    wr = _wrapper(weights)
+    mask_obj = wr.gpu_experts_mask
+    y_all = np.array(wr.forward(x, ids, w))
+    wr.gpu_experts_mask.copy_(torch.ones(E, dtype=torch.bool)) if isinstance(mask_obj, torch.Tensor) else None
+    assert wr.gpu_experts_mask is mask_obj
+    y_none = np.array(wr.forward(x, ids, w))
+    assert not y_none.any()
+    mask_obj[:] = False
+    mask_obj[ids[0, 0]] = True
+    y_part = wr.forward(x, ids, w)
+    ref_all = moe_reference(x, ids, w, *weights)
+    ref_part = moe_reference(x, ids, w, *weights, skip_mask=np.asarray(mask_obj))
+    assert rel_fro_err(y_all, ref_all) < 0.06
+    assert rel_fro_err(y_part, ref_part) < 0.06
+
+
+def test_legacy_num_gpu_experts_prefix(backend, weights):
+    x, ids, w = make_inputs(8, H, E, K)
+    wr = _wrapper(weights, num_gpu_experts=3)
+    assert np.asarray(wr.gpu_experts_mask).tolist() == [True] * 3 + [False] * (E - 3)
+    y = wr.forward(x, ids, w)
+    ref = moe_reference(x, ids, w, *weights, skip_mask=np.arange(E) < 3)
+    assert rel_fro_err(y, ref) < 0.06
+    # A mask wins over the count.
+    mask = torch.zeros(E, dtype=torch.bool)
+    wr2 = _wrapper(weights, gpu_experts_mask=mask, num_gpu_experts=3)
+    assert wr2.gpu_experts_mask is mask
+
+
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ids_dt", [torch.int32, torch.int64])
+def test_torch_dtypes(backend, weights, xdt, ids_dt):
+    x, ids, w = make_inputs(5, H, E, K)
+    xt = torch.from_numpy(x).to(xdt)
+    wr = _wrapper(weights, "BF16")
+    y = wr.forward(xt, torch.from_numpy(ids).to(ids_dt), torch.from_numpy(w))
+    assert isinstance(y, torch.Tensor) and y.dtype == xdt and y.shape == (5, H)
+    ref = moe_reference(xt.float().numpy(), ids, w, *weights)
+    assert rel_fro_err(y.float().numpy(), ref) < 0.02
+
+
+def test_numpy_and_torch_agree_and_strided_rows(backend, weights):
+    x, ids, w = make_inputs(7, H, E, K)
+    wr = _wrapper(weights)
+    y_np = wr.forward(x, ids, w)
+    assert isinstance(y_np, np.ndarray) and y_np.dtype == np.float32
+    big = np.zeros((7, H + 32), np.float32)
+    big[:, 16:16 + H] = x
+    y_view = wr.forward(big[:, 16:16 + H], ids, w)  # rows strided by H + 32
+    y_t = wr.forward(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)).numpy()
+    np.testing.assert_array_equal(y_np, y_view)
+    np.testing.assert_array_equal(y_np, y_t)
+
+
+@pytest.mark.parametrize("method,kw", [("AMXINT8", {}), ("AMXINT4", {"group_size": 32}), ("BF16", {})])
+def test_thread_counts_and_numa_split_agree(backend, weights, fresh_pool, method, kw):
+    """1, 2 and 3 threads give identical results; a 2-sub-pool split (simulated on one
+    node) gives the same result up to float32 summation order."""
+    x, ids, w = make_inputs(11, H, E, K)
+    results = []
+    for threads in (1, 2, 3):
+        kt_kernel._pool.reset_pool_for_tests()
+        results.append(np.array(_wrapper(weights, method, threads=threads, **kw).forward(x, ids, w)))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+    kt_kernel._pool.reset_pool_for_tests()
+    # I = 128 fits one 128-column slice, so use a wider layer for a real split.
+    E2, I2 = 5, 384
+    g, u, d = make_weights(E2, H, I2, seed=3)
+    x2, ids2, w2 = make_inputs(9, H, E2, 2)
+    ys = []
+    for pools in (1, 2):
+        kt_kernel._pool.reset_pool_for_tests()
+        wr = make_wrapper(E2, 2, H, I2, method, threads=2, pools=pools, **kw)
+        wr.load_weights_from_tensors(g, u, d)
+        if pools == 2:
+            assert wr._layer.slice_range(0) == (0, 128) and wr._layer.slice_range(1) == (128, 384)
+        ys.append(np.array(wr.forward(x2, ids2, w2)))
+    assert rel_max_err(ys[1], ys[0]) < 1e-6
+
+
+def test_large_batch_is_chunked_internally(backend, weights):
+    """More tokens than one internal pass (1024) and than chunked_prefill_size: same as row by row."""
+    T = 1100
+    x, ids, w = make_inputs(T, H, E, K, seed=5)
+    wr = _wrapper(weights, chunked_prefill_size=512)
+    y = wr.forward(x, ids, w)
+    parts = np.concatenate([wr.forward(x[i:i + 300], ids[i:i + 300], w[i:i + 300]) for i in range(0, T, 300)])
+    np.testing.assert_array_equal(y, parts)
+
+
+def test_zero_tokens_and_all_tokens_on_one_expert(backend, weights):
+    wr = _wrapper(weights)
+    y0 = wr.forward(np.zeros((0, H), np.float32), np.zeros((0, K), np.int64), np.zeros((0, K), np.float32))
+    assert y0.shape == (0, H)
+    x, _, w = make_inputs(33, H, E, K)
+    ids = np.full((33, K), 4, np.int64)
+    y = wr.forward(x, ids, w)
+    assert rel_fro_err(y, moe_reference(x, ids, w, *weights)) < 0.06
+
+
+def test_physical_to_logical_map(backend):
+    g, u, d = make_weights(4, H, I, seed=11)
+    phys = np.array([3, 0, 0, 2, 1, 3], np.int64)  # 6 slots over 4 logical experts (redundant copies)
+    wr = make_wrapper(6, 2, H, I, "BF16")
+    wr.load_weights_from_tensors(g, u, d, torch.from_numpy(phys))
+    x, ids, w = make_inputs(10, H, 6, 2)
+    y = wr.forward(x, ids, w)
+    ref = moe_reference(x, phys[ids], w, g, u, d)
+    assert rel_fro_err(y, ref) < 0.02
+
+
+def test_submit_sync_pairing(backend, weights):
+    x, ids, w = make_inputs(4, H, E, K)
+    wr = _wrapper(weights)
+    ids_t = torch.from_numpy(ids.copy())
+    wr.submit_forward(x, ids_t.numpy(), w, 0)
+    ids_t.fill_(0)  # the caller overwrites ids right after submit: must not matter
+    y = wr.sync_forward(x, 0)
+    np.testing.assert_array_equal(y, wr.forward(x, ids, w))
+    with pytest.raises(RuntimeError, match="without submit_forward"):
+        wr.sync_forward(x, 0)
+    wr.submit_forward(x, ids, w)
+    with pytest.raises(RuntimeError, match="twice"):
+        wr.submit_forward(x, ids, w)
+    wr.sync_forward(x)
+
+
+def test_generate_gpu_experts_masks():
+    freq = torch.tensor([[5.0, 1.0, 3.0], [4.0, 9.0, 0.0]])
+    m = kt_kernel.generate_gpu_experts_masks(freq, 3)
+    assert m.dtype == torch.bool and m.tolist() == [[True, False, False], [True, True, False]]
+    assert not kt_kernel.generate_gpu_experts_masks(freq, -2).any()
+    assert kt_kernel.generate_gpu_experts_masks(freq, 100).all()
+    m_np = kt_kernel.generate_gpu_experts_masks(freq.numpy(), 2)
+    assert isinstance(m_np, np.ndarray) and m_np.sum() == 2 and m_np[1, 1] and m_np[0, 0]
+    ties = kt_kernel.generate_gpu_experts_masks(np.ones((2, 2)), 1)
+    assert ties.tolist() == [[True, False], [False, False]]
