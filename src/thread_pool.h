@@ -70,8 +70,10 @@ class ThreadPool {
   // serialised.
   void parallel_for(size_t num_tasks, FunctionRef<void(size_t task, int thread)> fn);
 
-  // Sub-pool s has counts[s] tasks of its own. Each thread runs its own
-  // sub-pool's tasks first, then helps the others. fn(subpool, task, thread).
+  // Sub-pool s has counts[s] tasks of its own (counts: num_subpools()
+  // entries, read during the call). Each thread runs its own sub-pool's
+  // tasks first, then helps the others. fn(subpool, task, thread). Same
+  // inline cases as parallel_for.
   void parallel_for_subpools(const size_t* counts, FunctionRef<void(int subpool, size_t task, int thread)> fn);
 
  private:

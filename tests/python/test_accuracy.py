@@ -53,7 +53,13 @@ def _run_checks(backend, method, kw, E, k, H, I, T, limit=0.0, alpha=0.0):
     wr = make_wrapper(E, k, H, I, method, swiglu_limit=limit, swiglu_alpha=alpha, **kw)
     wr.load_weights_from_tensors(g, u, d)
     wr._layer.set_capture(True)
-    y = wr.forward(x, ids, w)
+    # Poison the (persistent) output buffer: the call must write every element.
+    kt_kernel.KTMoEWrapper.set_capture_batch_sizes([T])
+    try:
+        wr.forward(x, ids, w)[:] = np.nan
+        y = wr.forward(x, ids, w)
+    finally:
+        kt_kernel.KTMoEWrapper.set_capture_batch_sizes([])
     assert kt_kernel.last_used_backend() == backend
     assert np.isfinite(y).all()
 
@@ -89,3 +95,14 @@ def test_accuracy_widths_not_multiple_of_64(backend, method, kw):
 def test_accuracy_swiglu_limit(backend, method, kw):
     """The clamped 'swigluoai' activation (GPT-OSS): g*sigmoid(alpha*g)*(u+1) with clamps."""
     _run_checks(backend, method, kw, 8, 2, 128, 128, 6, limit=0.5, alpha=1.702)
+
+
+HOSTILE_T = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33]
+
+
+@pytest.mark.parametrize("method,kw", [FORMATS[0], FORMATS[1], FORMATS[2], FORMATS[5]])
+def test_hostile_token_counts(backend, method, kw):
+    """Token counts around register-tile and block edges, an odd expert count, and
+    every expert from 0 to many tokens (top-k over 5 experts)."""
+    for T in HOSTILE_T:
+        _run_checks(backend, method, kw, 5, 3, 128, 192, T)
