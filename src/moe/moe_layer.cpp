@@ -41,22 +41,47 @@ constexpr size_t kMaxTokensPerPass = 1024;
 // is whole groups and its activation view stays aligned.
 constexpr uint32_t kSliceAlign = 128;
 
-float load_x(const void* x, DType dt, size_t i) {
+// Row conversions with the dtype switch outside the loop, so each loop is a
+// plain vectorisable copy.
+void row_to_f32(const void* src, DType dt, size_t n, float* dst) {
   switch (dt) {
-    case DType::kF32: return static_cast<const float*>(x)[i];
-    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
-    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
-    case DType::kF64: return float(static_cast<const double*>(x)[i]);
+    case DType::kF32: std::memcpy(dst, src, n * sizeof(float)); break;
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+      break;
+    }
+    case DType::kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+      break;
+    }
+    case DType::kF64: {
+      const double* s = static_cast<const double*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
+      break;
+    }
   }
-  return 0.0f;
 }
 
-void store_y(void* y, DType dt, size_t i, float v) {
+void row_from_f32(const float* src, size_t n, void* dst, DType dt) {
   switch (dt) {
-    case DType::kF32: static_cast<float*>(y)[i] = v; break;
-    case DType::kBF16: static_cast<uint16_t*>(y)[i] = f32_to_bf16(v); break;
-    case DType::kF16: static_cast<uint16_t*>(y)[i] = f32_to_f16(v); break;
-    case DType::kF64: static_cast<double*>(y)[i] = v; break;
+    case DType::kF32: std::memcpy(dst, src, n * sizeof(float)); break;
+    case DType::kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+      break;
+    }
+    case DType::kF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+      break;
+    }
+    case DType::kF64: {
+      double* d = static_cast<double*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = src[i];
+      break;
+    }
   }
 }
 
@@ -110,6 +135,7 @@ struct Scratch {
   std::vector<std::vector<GateUpTask>> gate_up_tasks;
   std::vector<std::vector<DownTask>> down_tasks;
   std::vector<float*> out_rows;
+  std::vector<size_t> task_counts;
 };
 
 Scratch& scratch() {
@@ -296,7 +322,8 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
   pool_.parallel_for(row_tasks, [&](size_t task, int) {
     const size_t r0 = task * rows_per_task, r1 = std::min(T, r0 + rows_per_task);
     for (size_t t = r0; t < r1; ++t) {
-      for (size_t c = 0; c < H; ++c) xf[t * H + c] = load_x(args.x, args.x_dtype, (t0 + t) * args.x_stride + c);
+      row_to_f32(static_cast<const uint8_t*>(args.x) + (t0 + t) * args.x_stride * dtype_size(args.x_dtype), args.x_dtype,
+                 H, xf + t * H);
       for (int s = 0; s < S; ++s) std::memset(ybuf + (size_t(s) * T + t) * ldy, 0, H * sizeof(float));
     }
     ActsBuffer b = sc.qx.buffer;
@@ -312,7 +339,8 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     sc.h.ensure(P * ldh * sizeof(float));
     float* h = reinterpret_cast<float*>(sc.h.data());
     sc.gate_up_tasks.resize(size_t(S));
-    std::vector<size_t> counts(static_cast<size_t>(S));
+    std::vector<size_t>& counts = sc.task_counts;
+    counts.assign(size_t(S), 0);
     for (int s = 0; s < S; ++s) {
       auto& tasks = sc.gate_up_tasks[size_t(s)];
       tasks.clear();
@@ -394,7 +422,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
         const float* ys = ybuf + (size_t(s) * T + t) * ldy;
         for (size_t c = 0; c < H; ++c) y0[c] += ys[c];
       }
-      for (size_t c = 0; c < H; ++c) store_y(args.y, args.y_dtype, (t0 + t) * args.y_stride + c, y0[c]);
+      row_from_f32(y0, H, static_cast<uint8_t*>(args.y) + (t0 + t) * args.y_stride * dtype_size(args.y_dtype), args.y_dtype);
     }
   });
 }

@@ -1,0 +1,112 @@
+// Activation encodings for the AVX-512 kernels (prepare_acts), bit-identical
+// to the reference: per row amax, inv = 127 / amax as one scalar fp32
+// division, q = round-to-nearest-even(x * inv) clamped to +-127 (clamping
+// before rounding gives the same integers, and min/max order makes NaN clamp
+// to 127 as fmin does); INT8 stores q + 128, INT4 stores q and its sums per
+// 32 k; BF16 rounds to nearest even in integer arithmetic (vcvtneps2bf16
+// would flush subnormal inputs to zero, the reference does not). Padding
+// columns up to round_up(k, 64) hold the encoding of 0.
+#include "avx512/avx512_common.h"
+#include "avx512/kernels_avx512.h"
+
+namespace kt {
+namespace avx512 {
+namespace {
+
+// Lanes [i, i + 16) of a row of k valid columns; zero beyond k.
+static inline __m512 load16(const float* x, size_t i, size_t k) {
+  return i >= k ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(tail_mask16(k - i), x + i);
+}
+
+static inline float row_amax(const float* x, size_t k) {
+  // max_ps returns its second operand when the first is NaN: NaNs are
+  // skipped, as std::fmax(amax, NaN) does.
+  __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+  size_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    m0 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), m0);
+    m1 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i + 16)), m1);
+    m2 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i + 32)), m2);
+    m3 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i + 48)), m3);
+  }
+  for (; i < k; i += 16) m0 = _mm512_max_ps(_mm512_abs_ps(load16(x, i, k)), m0);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+
+// Lanes [i, i + 16) of a row of k valid columns quantised; padding lanes
+// are 0 whatever inv is (inv is inf for a subnormal amax, and 0 * inf would
+// be NaN -> 127).
+static inline __m512i quant16(const float* x, size_t i, size_t k, __m512 inv) {
+  if (i >= k) return _mm512_setzero_si512();
+  const __mmask16 valid = tail_mask16(k - i);
+  __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + i), inv);
+  v = _mm512_min_ps(v, _mm512_set1_ps(127.0f));  // NaN -> 127
+  v = _mm512_max_ps(v, _mm512_set1_ps(-127.0f));
+  return _mm512_maskz_cvtps_epi32(valid, v);  // round to nearest even (default MXCSR), as nearbyint
+}
+
+// Quantises one row; per 32 columns calls sink(index of the 32-chunk, q lo, q hi).
+// Returns the row scale.
+template <class Sink>
+static inline float quantize_row(const float* x, size_t k, size_t kp, Sink sink) {
+  const float amax = row_amax(x, k);
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (size_t c = 0; c < kp / 32; ++c) {
+    const __m512i q0 = quant16(x, 32 * c, k, vinv);
+    const __m512i q1 = quant16(x, 32 * c + 16, k, vinv);
+    sink(c, q0, q1);
+  }
+  return amax / 127.0f;
+}
+
+static inline __m256i bf16_rne16(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i hi = _mm512_srli_epi32(b, 16);
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1))));
+  r = _mm512_srli_epi32(r, 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+}  // namespace
+
+void prepare_acts_bf16__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out) {
+  const size_t kp = round_up(k, kColPad);
+  for (size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    uint8_t* dst = out.data + r * out.row_bytes;
+    for (size_t i = 0; i < kp; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), bf16_rne16(load16(xr, i, k)));
+  }
+}
+
+void prepare_acts_u8__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out) {
+  const size_t kp = round_up(k, kColPad);
+  const __m128i bias = _mm_set1_epi8(char(0x80));  // q + 128 == q ^ 0x80 for int8 q
+  for (size_t r = 0; r < rows; ++r) {
+    uint8_t* dst = out.data + r * out.row_bytes;
+    out.row_scale[r] = quantize_row(x + r * ldx, k, kp, [&](size_t c, __m512i q0, __m512i q1) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32 * c), _mm_xor_si128(_mm512_cvtepi32_epi8(q0), bias));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32 * c + 16), _mm_xor_si128(_mm512_cvtepi32_epi8(q1), bias));
+    });
+  }
+}
+
+void prepare_acts_s8_sums__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out) {
+  const size_t kp = round_up(k, kColPad);
+  for (size_t r = 0; r < rows; ++r) {
+    uint8_t* dst = out.data + r * out.row_bytes;
+    int32_t* sums = out.group_sums + r * out.group_sums_stride;
+    out.row_scale[r] = quantize_row(x + r * ldx, k, kp, [&](size_t c, __m512i q0, __m512i q1) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32 * c), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32 * c + 16), _mm512_cvtepi32_epi8(q1));
+      sums[c] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    });
+  }
+}
+
+}  // namespace avx512
+}  // namespace kt

@@ -1,0 +1,329 @@
+// Private helpers of the AVX-512 backend, shared by its translation units:
+// the tile geometry, the vector exp and gated activation of the gate/up
+// epilogue, masks for partial row blocks, and the two drivers that walk a
+// range of row blocks and a set of activation rows, calling a format's tile
+// kernel and applying the gate/up or down epilogue.
+//
+// Everything here has internal linkage (`static inline`, anonymous
+// namespace): this header is compiled with AVX-512 flags and must never
+// produce a COMDAT symbol that baseline code could share (see types.h). For
+// the same reason nothing from <algorithm>, <vector> or <functional> is used.
+#pragma once
+
+// GCC 12 reports the deliberately undefined pass-through operand inside the
+// AVX-512 intrinsic headers (`__m512 __Y = __Y;`) as uninitialised once they
+// are inlined; silence that for the header's own lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kt_kernel/kernel_table.h"
+#include "kt_kernel/packed_matrix.h"
+
+namespace kt {
+namespace avx512 {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Geometry.
+//
+// A "tile" is NS weight streams (one row block of 16 output rows each, so
+// one zmm of int32/fp32 per stream and token) times MT activation rows.
+// AVX-512 has 32 zmm registers:
+//   INT8 / BF16 GEMM: 4 streams x 6 tokens = 24 accumulators, + 4 weight
+//     registers (one 64-byte step per stream) + 1 broadcast activation
+//     = 29 of 32. Each weight load feeds 6 dot instructions and each
+//     broadcast feeds 4, so 10 loads per 24 vpdpbusd: well inside Zen 5's
+//     two 512-bit loads per cycle at the 2 vpdpbusd per cycle peak.
+//   INT4 GEMM: the nibbles of each stream are unpacked into two registers
+//     (low and high halves of the step) once and reused by every token, so
+//     4 streams x 4 tokens = 16 int32 accumulators + 8 unpacked + 2
+//     broadcasts + 1 nibble mask = 27; the fp32 group accumulators live in a
+//     stack tile (L1) and are touched once per group.
+// kMaxStreams / kMaxTileTokens bound the stack arrays of one tile.
+constexpr int kMaxStreams = 8;
+constexpr int kMaxTileTokens = 8;
+
+// Decode streams each row block once (GEMV): bandwidth wants several
+// independent streams in flight. Gate and up are fused, so a gate/up tile of
+// 2 row blocks already reads 4 streams; down uses 4 row blocks.
+// Prefetch distance: ~1 KiB per stream ahead (16 cache lines), enough to
+// cover the ~100 ns DRAM latency at ~10 bytes/cycle with 4 streams.
+constexpr size_t kPrefetchBytes = 1024;
+// GEMM prefetches the next tile's weights into L2 (they are read from
+// there, and L1 holds the current tile's weights and activations).
+constexpr _mm_hint kGemmPrefetchHint = _MM_HINT_T1;
+
+// Weight panel reuse in GEMM: a tile's weights (4 streams x K bytes per
+// 16 rows; 128-256 KiB at K = 2048) stay in the 1 MiB L2 while every token
+// tile of the expert passes over them.
+
+// ---------------------------------------------------------------------------
+// Small helpers (no std:: templates).
+
+static inline size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
+
+// Lanes of a row block that hold real output rows (n < rows).
+static inline __mmask16 rows_mask(size_t n0, size_t rows) {
+  const size_t valid = rows > n0 ? rows - n0 : 0;
+  return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
+}
+
+static inline __mmask16 tail_mask16(size_t remaining) {
+  return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1u);
+}
+
+static inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+static inline __m512i bcast32(const void* p) { return _mm512_set1_epi32(load_i32(p)); }
+
+// Tile kernels hand their accumulators to the epilogue through stack tiles
+// behind this barrier, which also makes the tiles escape (a plain "memory"
+// clobber does not cover a local array whose address is never taken, and
+// GCC would then keep the tile in registers). Without it GCC 12 keeps a
+// memory copy of every accumulator and stores it on each step of the k loop
+// (the register allocator places the epilogue's spills inside the loop),
+// which halves the GEMM speed.
+static inline void memory_barrier(const void* a, const void* b) {
+  __asm__ volatile("" : : "r"(a), "r"(b) : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// exp(x) in fp32, within ~1 ulp over the whole range: Cody-Waite reduction
+// x = n ln2 + r (|r| <= ln2/2, ln2 split in two so n ln2 is exact), the
+// Cephes expf polynomial for e^r, and 2^n applied by vscalefps, which
+// produces inf / subnormals / 0 correctly at the ends of the range. The
+// clamp keeps n finite for huge |x|; NaN passes through (min/max return the
+// second operand when one is NaN, so the constant goes first).
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(100.0f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The gated activation of ActivationParams (reference::activation), with the
+// same fp32 operation sequence; only exp differs (by about an ulp).
+struct Act512 {
+  bool oai;
+  __m512 limit, neg_limit, neg_alpha;
+};
+
+static inline Act512 make_act512(const ActivationParams& p) {
+  Act512 a;
+  a.oai = p.swiglu_limit > 0.0f;
+  a.limit = _mm512_set1_ps(p.swiglu_limit);
+  a.neg_limit = _mm512_set1_ps(-p.swiglu_limit);
+  a.neg_alpha = _mm512_set1_ps(-p.swiglu_alpha);
+  return a;
+}
+
+static inline __m512 activation512(__m512 g, __m512 u, const Act512& a) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  if (!a.oai) {
+    const __m512 e = exp512(_mm512_xor_ps(g, _mm512_set1_ps(-0.0f)));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
+  }
+  // fmin(g, limit) -> limit when g is NaN: min_ps returns its second operand then.
+  const __m512 gl = _mm512_min_ps(g, a.limit);
+  const __m512 ul = _mm512_max_ps(_mm512_min_ps(u, a.limit), a.neg_limit);
+  const __m512 e = exp512(_mm512_mul_ps(a.neg_alpha, gl));
+  return _mm512_mul_ps(_mm512_div_ps(gl, _mm512_add_ps(one, e)), _mm512_add_ps(ul, one));
+}
+
+// ---------------------------------------------------------------------------
+// Tile interface shared by the formats.
+//
+// Stream j of a tile is one row block of one matrix; token t is one
+// activation row. A format's tile kernel computes, for every (j, t), the 16
+// fp32 values w_n . a_t of the format's contract (before the activation or
+// the routing weight) into res[(j * MT + t) * 16 ...].
+struct Streams {
+  const uint8_t* w[kMaxStreams];        // the block's packed weights
+  const float* scales[kMaxStreams];     // INT8: [16]; INT4: [groups][16]
+  const float* mins[kMaxStreams];       // INT4 asymmetric: [groups][16]
+  const int32_t* comp[kMaxStreams];     // INT8: [16]
+  size_t steps;                         // k-steps of a block (cols_padded / k per step)
+  size_t groups, group_steps;           // INT4: groups per row, steps per group
+  size_t sums_per_group;                // INT4: activation sums (per 32 k) per group
+  size_t block_bytes;                   // bytes of one block's weights
+  // Prefetch. GEMV: each stream prefetches kPrefetchBytes ahead; past the
+  // end of its block it continues pf_jump bytes further on (into the block
+  // this stream reads next, so the next tile starts warm). GEMM: one cache
+  // line per step from pf_line (a block of the next tile, spread over the
+  // token tiles of the current one).
+  ptrdiff_t pf_jump;
+  const uint8_t* pf_line;
+};
+
+// GEMV prefetch offset for the step at byte offset wo of a block.
+static inline ptrdiff_t gemv_prefetch_offset(const Streams& s, size_t wo) {
+  const size_t po = wo + kPrefetchBytes;
+  return ptrdiff_t(po) + (po >= s.block_bytes ? s.pf_jump : 0);
+}
+
+struct Tokens {
+  const uint8_t* act[kMaxTileTokens];       // activation row (already at the view's column offset)
+  float scale[kMaxTileTokens];              // INT8 / INT4: the row's scale
+  const int32_t* sums[kMaxTileTokens];      // INT4: the row's per-32 sums
+};
+
+using TileFn = void (*)(const Streams&, const Tokens&, float* res);
+
+// Run-time (streams, tokens) -> the tile kernel instantiated for them.
+// K<NS, MT, PF>::run is a format's tile kernel; PF selects the GEMV variant.
+template <template <int, int, bool> class K, bool PF, int NS, int MT>
+struct SelectMT {
+  static TileFn get(size_t mt) { return mt == size_t(MT) ? &K<NS, MT, PF>::run : SelectMT<K, PF, NS, MT - 1>::get(mt); }
+};
+template <template <int, int, bool> class K, bool PF, int NS>
+struct SelectMT<K, PF, NS, 0> {
+  static TileFn get(size_t) { return nullptr; }
+};
+template <template <int, int, bool> class K, bool PF, int NS, int MT>
+struct SelectTile {
+  static TileFn get(size_t ns, size_t mt) {
+    return ns == size_t(NS) ? SelectMT<K, PF, NS, MT>::get(mt) : SelectTile<K, PF, NS - 1, MT>::get(ns, mt);
+  }
+};
+template <template <int, int, bool> class K, bool PF, int MT>
+struct SelectTile<K, PF, 0, MT> {
+  static TileFn get(size_t, size_t) { return nullptr; }
+};
+using SelectFn = TileFn (*)(size_t ns, size_t mt);
+
+// How a kernel walks the blocks and tokens: GEMV keeps every token in one
+// tile (one pass over the weights, prefetching ahead); GEMM cuts them into
+// tiles of `tile_tokens` and reuses each group of blocks' weights from cache.
+struct TilePlan {
+  SelectFn select;
+  size_t blocks;       // row blocks per tile and matrix (gate/up: blocks of each)
+  size_t tile_tokens;  // activation rows per tile
+};
+
+static inline void fill_tokens(const ActsView& a, size_t t0, size_t mt, Tokens* tk) {
+  for (size_t t = 0; t < mt; ++t) {
+    const size_t r = a.row_index ? size_t(a.row_index[t0 + t]) : t0 + t;
+    tk->act[t] = a.data + r * a.row_bytes;
+    tk->scale[t] = a.row_scale ? a.row_scale[r] : 0.0f;
+    tk->sums[t] = a.group_sums ? a.group_sums + r * a.group_sums_stride : nullptr;
+  }
+}
+
+static inline void set_stream(const PackedMatrixView& w, size_t b, size_t j, Streams* s) {
+  const PackedGeometry& g = w.geo;
+  s->w[j] = w.weights + b * g.block_weight_bytes;
+  const size_t groups = g.groups ? g.groups : 1;
+  s->scales[j] = w.scales ? w.scales + b * groups * kRowBlock : nullptr;
+  s->mins[j] = w.mins ? w.mins + b * groups * kRowBlock : nullptr;
+  s->comp[j] = w.compensation ? w.compensation + b * kRowBlock : nullptr;
+}
+
+static inline void set_geometry(const PackedMatrixView& w, Streams* s) {
+  const PackedGeometry& g = w.geo;
+  const size_t kps = scheme_k_per_step(w.scheme);
+  s->steps = g.cols_padded / kps;
+  s->groups = g.groups ? g.groups : 1;
+  s->group_steps = g.group_size ? g.group_size / kps : s->steps;
+  s->sums_per_group = g.group_size / kActSumGroup;
+  s->block_bytes = g.block_weight_bytes;
+}
+
+// Walks row blocks [bb, be) of `nmats` matrices of one geometry (gate and
+// up, or down alone) in tiles: the streams of a tile are blocks
+// [b, b + nb) of matrix 0, then of matrix 1. epi(b, nb, t0, mt, res)
+// consumes each tile's results.
+template <class Epilogue>
+static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, size_t nmats, size_t bb, size_t be,
+                         const ActsView& a, Epilogue epi) {
+  const size_t m = a.rows;
+  if (m == 0 || bb >= be) return;
+  Streams s;
+  set_geometry(mats[0], &s);
+  Tokens tk;
+  alignas(64) float res[kMaxStreams * kMaxTileTokens * 16];
+  const size_t bytes = s.block_bytes;
+  for (size_t b = bb; b < be; b += plan.blocks) {
+    const size_t nb = min_sz(plan.blocks, be - b);
+    const size_t ns = nmats * nb;
+    for (size_t mi = 0; mi < nmats; ++mi)
+      for (size_t j = 0; j < nb; ++j) set_stream(mats[mi], b + j, mi * nb + j, &s);
+    // The next tile's blocks: stream j's successor is nb blocks further in
+    // the same matrix; with no next tile, prefetches fall back on the
+    // block itself (already cached).
+    const size_t next_nb = b + nb < be ? min_sz(plan.blocks, be - b - nb) : 0;
+    s.pf_jump = next_nb ? ptrdiff_t((nb - 1) * bytes) : -ptrdiff_t(bytes);
+    for (size_t t0 = 0, tile = 0; t0 < m; t0 += plan.tile_tokens, ++tile) {
+      const size_t mt = min_sz(plan.tile_tokens, m - t0);
+      // GEMM: token tile k warms block k of the next tile.
+      const size_t k = tile % (nmats * (next_nb ? next_nb : 1));
+      s.pf_line = next_nb ? mats[k / next_nb].weights + (b + nb + k % next_nb) * bytes : s.w[0];
+      fill_tokens(a, t0, mt, &tk);
+      plan.select(ns, mt)(s, tk, res);
+      epi(b, nb, t0, mt, res);
+    }
+  }
+}
+
+// gate/up: h = act(gate, up) for row blocks [bb, be).
+static inline void drive_gate_up(const TilePlan& plan, const PackedMatrixView& gate, const PackedMatrixView& up,
+                                 size_t bb, size_t be, const ActsView& a, const ActivationParams& p, float* h,
+                                 size_t ldh) {
+  const Act512 act = make_act512(p);
+  const size_t rows = gate.geo.rows;
+  const PackedMatrixView mats[2] = {gate, up};
+  drive(plan, mats, 2, bb, be, a, [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
+    for (size_t j = 0; j < nb; ++j) {
+      const size_t n0 = (b + j) * kRowBlock;
+      const __mmask16 mask = rows_mask(n0, rows);
+      for (size_t t = 0; t < mt; ++t) {
+        const __m512 g = _mm512_load_ps(res + (j * mt + t) * 16);
+        const __m512 u = _mm512_load_ps(res + ((nb + j) * mt + t) * 16);
+        _mm512_mask_storeu_ps(h + (t0 + t) * ldh + n0, mask, activation512(g, u, act));
+      }
+    }
+  });
+}
+
+// down: out_rows[m][n] += row_weight[m] * v for row blocks [bb, be), a
+// multiply then an add, as the reference does.
+static inline void drive_down(const TilePlan& plan, const PackedMatrixView& w, size_t bb, size_t be,
+                              const ActsView& a, const float* row_weight, float* const* out_rows) {
+  const size_t rows = w.geo.rows;
+  drive(plan, &w, 1, bb, be, a, [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
+    for (size_t j = 0; j < nb; ++j) {
+      const size_t n0 = (b + j) * kRowBlock;
+      const __mmask16 mask = rows_mask(n0, rows);
+      for (size_t t = 0; t < mt; ++t) {
+        float* o = out_rows[t0 + t] + n0;
+        const __m512 v = _mm512_mul_ps(_mm512_set1_ps(row_weight[t0 + t]), _mm512_load_ps(res + (j * mt + t) * 16));
+        _mm512_mask_storeu_ps(o, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o), v));
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace avx512
+}  // namespace kt

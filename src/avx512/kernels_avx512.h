@@ -1,0 +1,42 @@
+// Declarations of the AVX-512 backend's kernels, for its table filler
+// (kernel_table_avx512.cpp) only. Each has the signature of its FormatKernels
+// slot and the semantics of its scalar twin in src/reference/.
+#pragma once
+
+#include <cstddef>
+
+#include "kt_kernel/kernel_table.h"
+
+namespace kt {
+namespace avx512 {
+
+// Activation encodings (buffers sized by acts_row_bytes / acts_group_sums_per_row).
+void prepare_acts_bf16__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out);
+void prepare_acts_u8__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out);
+void prepare_acts_s8_sums__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out);
+
+// INT8 weights x u8 (q + 128) activations.
+void gate_up_q8w_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                             size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh);
+void down_q8w_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                          const float* row_weight, float* const* out_rows);
+
+// INT4 weights (symmetric / with mins) x s8 activations.
+void gate_up_q4w_s8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                             size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh);
+void down_q4w_s8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                          const float* row_weight, float* const* out_rows);
+void gate_up_q4mw_s8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh);
+void down_q4mw_s8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                           const float* row_weight, float* const* out_rows);
+
+// BF16 weights x BF16 activations (AVX512-BF16 only).
+void gate_up_bf16w_bf16a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                                 size_t block_end, const ActsView& a, const ActivationParams& act, float* h,
+                                 size_t ldh);
+void down_bf16w_bf16a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                              const float* row_weight, float* const* out_rows);
+
+}  // namespace avx512
+}  // namespace kt

@@ -1,0 +1,170 @@
+// INT4 x INT8 gate/up and down with vpdpbusd. A 64-byte weight step holds 8 k
+// of 16 rows as nibbles (low = k0..k0+3, high = k0+4..k0+7 of each row's
+// dword), so the unpacked nibbles (0..15) are the unsigned operand and the
+// broadcast s8 activation quads the signed one. Per group:
+//   symmetric:  acc = fma(float(dot - 8 * asum), scale, acc)
+//   with mins:  acc = fma(float(dot), scale, acc); acc = fma(float(asum), min, acc)
+// and v = acc * a_scale, with explicit FMAs in the reference's order, so the
+// results are bit-identical to it.
+//
+// The nibbles of a step are unpacked once and reused by every token of the
+// tile; the fp32 group accumulators live in a stack tile, read and written
+// once per group, so the registers hold the int32 accumulators.
+#include "avx512/avx512_common.h"
+#include "avx512/kernels_avx512.h"
+
+namespace kt {
+namespace avx512 {
+namespace {
+
+// Up to this many tokens run as GEMV (one pass over the weights, prefetched).
+// Measured on Zen 5: beyond it the tiled GEMM, reusing the weights from L2,
+// is faster.
+constexpr size_t kQ4GemvMaxTokens = 4;
+// 4 streams x 4 tokens: 16 int32 accumulators + 8 unpacked nibble registers
+// + 2 broadcasts + the nibble mask = 27 zmm (see avx512_common.h).
+constexpr size_t kQ4Streams = 4;
+constexpr size_t kQ4GemmTokens = 4;
+
+template <bool kMins>
+struct Q4 {
+  template <int NS, int MT, bool PF>
+  struct Tile {
+    static void run(const Streams& s, const Tokens& tk, float* res) {
+      alignas(64) float facc[NS * MT * 16];
+      alignas(64) int32_t iacc[NS * MT * 16];
+#pragma GCC unroll 64
+      for (int i = 0; i < NS * MT; ++i) _mm512_store_ps(facc + i * 16, _mm512_setzero_ps());
+      const __m512i nib = _mm512_set1_epi8(0x0f);
+      const uint8_t* w[NS];
+      const uint8_t* a[MT];
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j) w[j] = s.w[j];
+#pragma GCC unroll 64
+      for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+      const size_t gsteps = s.group_steps, spg = s.sums_per_group;
+      size_t i = 0;
+      for (size_t g = 0; g < s.groups; ++g) {
+        __m512i acc[NS][MT];
+#pragma GCC unroll 64
+        for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+          for (int t = 0; t < MT; ++t) acc[j][t] = _mm512_setzero_si512();
+        for (const size_t end = i + gsteps; i < end; ++i) {
+          const size_t wo = i * kStepBytes, ao = i * 8;
+          const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
+          if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+          __m512i lo[NS], hi[NS];
+#pragma GCC unroll 64
+          for (int j = 0; j < NS; ++j) {
+            const __m512i raw = _mm512_loadu_si512(w[j] + wo);
+            if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
+            lo[j] = _mm512_and_si512(raw, nib);
+            hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+          }
+#pragma GCC unroll 64
+          for (int t = 0; t < MT; ++t) {
+            const __m512i b0 = bcast32(a[t] + ao);
+            const __m512i b1 = bcast32(a[t] + ao + 4);
+#pragma GCC unroll 64
+            for (int j = 0; j < NS; ++j) {
+              acc[j][t] = _mm512_dpbusd_epi32(acc[j][t], lo[j], b0);
+              acc[j][t] = _mm512_dpbusd_epi32(acc[j][t], hi[j], b1);
+            }
+          }
+        }
+#pragma GCC unroll 64
+        for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+          for (int t = 0; t < MT; ++t) _mm512_store_si512(iacc + (j * MT + t) * 16, acc[j][t]);
+        memory_barrier(iacc, facc);
+        // The group's activation sums (per 32 k), after the k loop so that
+        // nothing else competes for its registers.
+        int32_t asum[MT];
+#pragma GCC unroll 64
+        for (int t = 0; t < MT; ++t) {
+          const int32_t* gs = tk.sums[t] + g * spg;
+          int32_t sum = 0;
+          for (size_t q = 0; q < spg; ++q) sum += gs[q];
+          asum[t] = sum;
+        }
+#pragma GCC unroll 64
+        for (int j = 0; j < NS; ++j) {
+          const __m512 sc = _mm512_loadu_ps(s.scales[j] + g * kRowBlock);
+          const __m512 mn = kMins ? _mm512_loadu_ps(s.mins[j] + g * kRowBlock) : _mm512_setzero_ps();
+#pragma GCC unroll 64
+          for (int t = 0; t < MT; ++t) {
+            float* f = facc + (j * MT + t) * 16;
+            __m512i d = _mm512_load_si512(iacc + (j * MT + t) * 16);
+            if (!kMins) d = _mm512_sub_epi32(d, _mm512_set1_epi32(8 * asum[t]));
+            __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, _mm512_load_ps(f));
+            if (kMins) v = _mm512_fmadd_ps(_mm512_set1_ps(float(asum[t])), mn, v);
+            _mm512_store_ps(f, v);
+          }
+        }
+      }
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+        for (int t = 0; t < MT; ++t)
+          _mm512_store_ps(res + (j * MT + t) * 16,
+                          _mm512_mul_ps(_mm512_load_ps(facc + (j * MT + t) * 16), _mm512_set1_ps(tk.scale[t])));
+    }
+  };
+};
+
+template <bool kMins>
+TileFn select_gemv(size_t ns, size_t mt) {
+  return SelectTile<Q4<kMins>::template Tile, true, kQ4Streams, kQ4GemvMaxTokens>::get(ns, mt);
+}
+template <bool kMins>
+TileFn select_gemm(size_t ns, size_t mt) {
+  return SelectTile<Q4<kMins>::template Tile, false, kQ4Streams, kQ4GemmTokens>::get(ns, mt);
+}
+
+static_assert(kQ4Streams % 2 == 0 && kQ4Streams <= kMaxStreams && kQ4GemmTokens <= kMaxTileTokens &&
+                  kQ4GemvMaxTokens <= kMaxTileTokens,
+              "tile bounds");
+
+template <bool kMins>
+void gate_up_q4(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin, size_t block_end,
+                const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
+  if (a.rows <= kQ4GemvMaxTokens)
+    drive_gate_up(TilePlan{select_gemv<kMins>, kQ4Streams / 2, a.rows}, gate, up, block_begin, block_end, a, act, h,
+                  ldh);
+  else
+    drive_gate_up(TilePlan{select_gemm<kMins>, kQ4Streams / 2, kQ4GemmTokens}, gate, up, block_begin, block_end, a,
+                  act, h, ldh);
+}
+
+template <bool kMins>
+void down_q4(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+             const float* row_weight, float* const* out_rows) {
+  if (a.rows <= kQ4GemvMaxTokens)
+    drive_down(TilePlan{select_gemv<kMins>, kQ4Streams, a.rows}, w, block_begin, block_end, a, row_weight, out_rows);
+  else
+    drive_down(TilePlan{select_gemm<kMins>, kQ4Streams, kQ4GemmTokens}, w, block_begin, block_end, a, row_weight,
+               out_rows);
+}
+
+}  // namespace
+
+void gate_up_q4w_s8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                             size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
+  gate_up_q4<false>(gate, up, block_begin, block_end, a, act, h, ldh);
+}
+void down_q4w_s8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                          const float* row_weight, float* const* out_rows) {
+  down_q4<false>(w, block_begin, block_end, a, row_weight, out_rows);
+}
+void gate_up_q4mw_s8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
+  gate_up_q4<true>(gate, up, block_begin, block_end, a, act, h, ldh);
+}
+void down_q4mw_s8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                           const float* row_weight, float* const* out_rows) {
+  down_q4<true>(w, block_begin, block_end, a, row_weight, out_rows);
+}
+
+}  // namespace avx512
+}  // namespace kt
