@@ -33,7 +33,8 @@ fi
 VPY="$ROOT/.venv/bin/python"
 # torch is for tests and benchmarks only (pinned: a CPU build); the package itself needs numpy.
 "$VPY" -m pip install -q --disable-pip-version-check \
-  "numpy>=1.22" "pytest>=7" "torch==2.13.0" "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
+  "numpy>=1.22" "pytest>=7" "torch==2.13.0" "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja \
+  gguf safetensors atheris "transformers>=5"
 echo "[setup] building and installing kt_kernel"
 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation "$ROOT"
 "$VPY" -c "import kt_kernel; print('[setup] kt_kernel', kt_kernel.__version__, 'backends:', kt_kernel.backends())"

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "reference/kernels_reference.h"
@@ -57,6 +59,116 @@ void pack_block_int8(const PackedGeometry& g, const float* rows, size_t row_len,
   }
 }
 
+// The amax rules on the statistics range w[s0, s1): Q4_0 (symmetric,
+// d = m / -8 with m the element of largest magnitude) and Q4_1 (asymmetric,
+// d = (max - min) / 15, lo = min).
+void int4_amax_params(bool sym, const float* w, ptrdiff_t s0, ptrdiff_t s1, float* d, float* lo) {
+  if (sym) {
+    float m = 0.0f;
+    for (ptrdiff_t k = s0; k < s1; ++k)
+      if (std::fabs(w[k]) > std::fabs(m)) m = w[k];
+    *d = m / -8.0f;
+    *lo = 0.0f;
+  } else {
+    float hi = w[s0], l = w[s0];
+    for (ptrdiff_t k = s0; k < s1; ++k) {
+      l = std::fmin(l, w[k]);
+      hi = std::fmax(hi, w[k]);
+    }
+    *d = (hi - l) / 15.0f;
+    *lo = l;
+  }
+}
+
+// The code of w for scale d (id = 1 / d, or 0 when d is 0) and min lo.
+int int4_code(bool sym, float w, float id, float lo) {
+  if (sym) return int(std::fmax(0.0f, std::fmin(15.0f, std::nearbyint(w * id) + 8.0f)));
+  return int(std::fmax(0.0f, std::fmin(15.0f, std::nearbyint((w - lo) * id))));
+}
+
+float inverse_or_zero(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
+
+// Squared error of w[0, n) quantised with (d, lo), values as the kernels
+// evaluate them (scale * q + bias). Used only to rank candidates; the codes
+// stored come from int4_code.
+double int4_sq_error(bool sym, const float* w, size_t n, float d, float lo) {
+  const float id = inverse_or_zero(d);
+  const float off = sym ? 8.0f : 0.0f, sub = sym ? 0.0f : lo, bias = sym ? -8.0f * d : lo;
+  // (x + 1.5 * 2^23) - 1.5 * 2^23 rounds to nearest even for |x| < 2^22
+  // (here |x| <= ~20) without a libm call; -ffp-contract=off and no
+  // fast-math keep the add/sub pair.
+  const float magic = 12582912.0f;
+  float e = 0.0f;
+  for (size_t k = 0; k < n; ++k) {
+    const float x = (w[k] - sub) * id;
+    const float q = std::fmax(0.0f, std::fmin(15.0f, ((x + magic) - magic) + off));
+    const float r = w[k] - (d * q + bias);
+    e += r * r;
+  }
+  return double(e);
+}
+
+// Least-squares refit of (d, lo) for the codes that (d, lo) gives w[0, n).
+// Returns false when the system is degenerate.
+bool int4_refit(bool sym, const float* w, size_t n, float d, float lo, float* d_out, float* lo_out) {
+  const float id = inverse_or_zero(d);
+  double sqq = 0, swq = 0, sq = 0, sw = 0;
+  for (size_t k = 0; k < n; ++k) {
+    const double q = int4_code(sym, w[k], id, lo) - (sym ? 8.0 : 0.0);
+    sqq += q * q;
+    swq += double(w[k]) * q;
+    sq += q;
+    sw += w[k];
+  }
+  if (sym) {
+    if (sqq <= 0) return false;
+    *d_out = float(swq / sqq);
+    *lo_out = 0.0f;
+    return true;
+  }
+  const double det = double(n) * sqq - sq * sq;
+  if (det <= 0) return false;
+  *d_out = float((double(n) * swq - sq * sw) / det);
+  *lo_out = float((sqq * sw - sq * swq) / det);
+  return true;
+}
+
+// Scale (and min) of one group w[0, n) minimising the squared rounding
+// error over a grid around the amax rule (which is one candidate), then a
+// least-squares refit of the winner's codes.
+void int4_search_params(bool sym, const float* w, size_t n, float* d, float* lo) {
+  int4_amax_params(sym, w, 0, ptrdiff_t(n), d, lo);
+  double best = int4_sq_error(sym, w, n, *d, *lo);
+  if (best == 0.0) return;
+  auto consider = [&](float cd, float clo) {
+    if (!std::isfinite(cd) || !std::isfinite(clo)) return;
+    const double e = int4_sq_error(sym, w, n, cd, clo);
+    if (e < best) {
+      best = e;
+      *d = cd;
+      *lo = clo;
+    }
+  };
+  if (sym) {
+    const float d0 = *d;
+    const float m = d0 * -8.0f;  // the element of largest magnitude
+    // The extreme element mapped to code 0 with a smaller or larger step
+    // (clipping a little), or to code 15 (the other sign's end).
+    for (int i = 0; i <= 12; ++i) consider(m / -(6.5f + 0.25f * float(i)), 0.0f);
+    for (int i = 0; i <= 4; ++i) consider(m / (6.0f + 0.25f * float(i)), 0.0f);
+  } else {
+    const float lo0 = *lo, hi0 = *lo + 15.0f * *d;
+    const float range = hi0 - lo0;
+    for (int a = 0; a <= 4; ++a)
+      for (int b = 0; b <= 4; ++b) {
+        const float l = lo0 + range * 0.03f * float(a), h = hi0 - range * 0.03f * float(b);
+        if (h > l) consider((h - l) / 15.0f, l);
+      }
+  }
+  float rd, rlo;
+  if (int4_refit(sym, w, n, *d, *lo, &rd, &rlo)) consider(rd, rlo);
+}
+
 void pack_block_int4(QuantScheme s, const PackedGeometry& g, const float* rows, size_t row_len, size_t col0,
                      size_t valid_rows, uint8_t* blk, float* scales, float* mins) {
   const bool per_channel = g.per_channel != 0;
@@ -73,33 +185,15 @@ void pack_block_int4(QuantScheme s, const PackedGeometry& g, const float* rows, 
       float d = 0.0f, lo = 0.0f;
       if (r < valid_rows && k0 < k1) {
         const float* w = rows + r * row_len + col0;
-        if (sym) {
-          float m = 0.0f;
-          for (ptrdiff_t k = s0; k < s1; ++k)
-            if (std::fabs(w[k]) > std::fabs(m)) m = w[k];
-          d = m / -8.0f;
-          const float id = d != 0.0f ? 1.0f / d : 0.0f;
-          for (size_t k = k0; k < k1; ++k) {
-            const int q = int(std::fmax(0.0f, std::fmin(15.0f, std::nearbyint(w[k] * id) + 8.0f)));
-            blk[int4_offset(r, k)] = uint8_t((blk[int4_offset(r, k)] & ~(0xf << int4_shift(k))) | q << int4_shift(k));
-          }
-        } else {
-          float hi = w[s0];
-          lo = w[s0];
-          for (ptrdiff_t k = s0; k < s1; ++k) {
-            lo = std::fmin(lo, w[k]);
-            hi = std::fmax(hi, w[k]);
-          }
-          d = (hi - lo) / 15.0f;
-          const float id = d != 0.0f ? 1.0f / d : 0.0f;
-          for (size_t k = k0; k < k1; ++k) {
-            const int q = int(std::fmax(0.0f, std::fmin(15.0f, std::nearbyint((w[k] - lo) * id))));
-            blk[int4_offset(r, k)] = uint8_t((blk[int4_offset(r, k)] & ~(0xf << int4_shift(k))) | q << int4_shift(k));
-          }
+        int4_amax_params(sym, w, s0, s1, &d, &lo);
+        const float id = inverse_or_zero(d);
+        for (size_t k = k0; k < k1; ++k) {
+          const int q = int4_code(sym, w[k], id, lo);
+          blk[int4_offset(r, k)] = uint8_t((blk[int4_offset(r, k)] & ~(0xf << int4_shift(k))) | q << int4_shift(k));
         }
       }
       scales[grp * kRowBlock + r] = d;
-      if (mins) mins[grp * kRowBlock + r] = lo;
+      if (mins) mins[grp * kRowBlock + r] = sym ? 0.0f : lo;
     }
   }
 }
@@ -132,6 +226,127 @@ void pack_matrix_blocks(QuantScheme s, const PackedGeometry& g, const void* src,
                         mins);
         break;
       }
+    }
+  }
+}
+
+void pack_quantized_blocks(QuantScheme s, const PackedGeometry& g, const void* q, size_t ld_q, const float* scales,
+                           const float* mins, size_t scales_ld, void* dst, size_t block_begin, size_t block_end,
+                           size_t col0) {
+  const bool int4 = scheme_is_int4(s);
+  if (int4 && (col0 % 2 || (!g.per_channel && col0 % g.group_size)))
+    throw std::invalid_argument("pack_quantized_blocks: column offset " + std::to_string(col0) +
+                                " is not on a group boundary");
+  uint8_t* base = static_cast<uint8_t*>(dst);
+  for (size_t b = block_begin; b < block_end; ++b) {
+    const size_t r0 = b * kRowBlock;
+    const size_t valid = r0 < g.rows ? std::min<size_t>(kRowBlock, g.rows - r0) : 0;
+    uint8_t* blk = base + g.weights_offset + b * g.block_weight_bytes;
+    switch (s) {
+      case QuantScheme::kBF16: {
+        uint16_t* w = reinterpret_cast<uint16_t*>(blk);
+        const uint16_t* src = static_cast<const uint16_t*>(q);
+        for (size_t r = 0; r < kRowBlock; ++r)
+          for (size_t k = 0; k < g.cols_padded; ++k)
+            w[bf16_index(r, k)] = (r < valid && k < g.cols) ? src[(r0 + r) * ld_q + col0 + k] : 0;
+        break;
+      }
+      case QuantScheme::kInt8PerChannel: {
+        const int8_t* src = static_cast<const int8_t*>(q);
+        float* sc = reinterpret_cast<float*>(base + g.scales_offset) + b * kRowBlock;
+        int32_t* comp = reinterpret_cast<int32_t*>(base + g.compensation_offset) + b * kRowBlock;
+        for (size_t r = 0; r < kRowBlock; ++r) {
+          int32_t sum = 0;
+          for (size_t k = 0; k < g.cols_padded; ++k) {
+            const int8_t v = (r < valid && k < g.cols) ? src[(r0 + r) * ld_q + col0 + k] : int8_t(0);
+            blk[int8_offset(r, k)] = uint8_t(v);
+            sum += v;
+          }
+          sc[r] = r < valid ? scales[(r0 + r) * scales_ld] : 0.0f;
+          comp[r] = 128 * sum;
+        }
+        break;
+      }
+      case QuantScheme::kInt4Sym:
+      case QuantScheme::kInt4Asym: {
+        const bool sym = s == QuantScheme::kInt4Sym;
+        const uint8_t pad_q = sym ? 8 : 0;
+        std::memset(blk, uint8_t(pad_q | pad_q << 4), g.block_weight_bytes);
+        const uint8_t* src = static_cast<const uint8_t*>(q);
+        const size_t per_block = size_t(g.groups) * kRowBlock;
+        float* sc = reinterpret_cast<float*>(base + g.scales_offset) + b * per_block;
+        float* mn = sym ? nullptr : reinterpret_cast<float*>(base + g.mins_offset) + b * per_block;
+        const size_t g0 = g.per_channel ? 0 : col0 / g.group_size;
+        const size_t real_groups = g.per_channel ? 1 : (g.cols + g.group_size - 1) / g.group_size;
+        for (size_t r = 0; r < kRowBlock; ++r) {
+          if (r < valid) {
+            const uint8_t* row = src + (r0 + r) * ld_q;
+            for (size_t k = 0; k < g.cols; ++k) {
+              const size_t kk = col0 + k;
+              const int code = (row[kk / 2] >> (kk % 2 ? 4 : 0)) & 0xf;
+              blk[int4_offset(r, k)] = uint8_t((blk[int4_offset(r, k)] & ~(0xf << int4_shift(k))) | code << int4_shift(k));
+            }
+          }
+          for (size_t grp = 0; grp < g.groups; ++grp) {
+            const bool real = r < valid && grp < real_groups;
+            const size_t si = (r0 + r) * scales_ld + (g.per_channel ? 0 : g0 + grp);
+            sc[grp * kRowBlock + r] = real ? scales[si] : 0.0f;
+            if (mn) mn[grp * kRowBlock + r] = real ? mins[si] : 0.0f;
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+void quantize_matrix(QuantScheme s, uint32_t group_size, const float* w, size_t rows, size_t cols, size_t ld,
+                     bool search, void* q, float* scales, float* mins) {
+  if (rows == 0 || cols == 0) throw std::invalid_argument("quantize_matrix: empty matrix");
+  switch (s) {
+    case QuantScheme::kBF16: {
+      if (group_size) throw std::invalid_argument("quantize_matrix: BF16 has no groups");
+      uint16_t* out = static_cast<uint16_t*>(q);
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t k = 0; k < cols; ++k) out[r * cols + k] = f32_to_bf16(w[r * ld + k]);
+      return;
+    }
+    case QuantScheme::kInt8PerChannel: {
+      if (group_size) throw std::invalid_argument("quantize_matrix: INT8 is per channel (group_size 0)");
+      int8_t* out = static_cast<int8_t*>(q);
+      for (size_t r = 0; r < rows; ++r) scales[r] = ref::quantize_row_i8(w + r * ld, cols, out + r * cols);
+      return;
+    }
+    case QuantScheme::kInt4Sym:
+    case QuantScheme::kInt4Asym: {
+      if (cols % 2) throw std::invalid_argument("quantize_matrix: INT4 needs an even number of columns");
+      if (group_size && (group_size % kActSumGroup || cols % group_size))
+        throw std::invalid_argument("quantize_matrix: group size " + std::to_string(group_size) +
+                                    " must be a multiple of 32 dividing cols " + std::to_string(cols));
+      const bool sym = s == QuantScheme::kInt4Sym;
+      const size_t gs = group_size ? group_size : cols, ngroups = cols / gs;
+      uint8_t* out = static_cast<uint8_t*>(q);
+      for (size_t r = 0; r < rows; ++r) {
+        const float* row = w + r * ld;
+        uint8_t* orow = out + r * (cols / 2);
+        std::memset(orow, 0, cols / 2);
+        for (size_t grp = 0; grp < ngroups; ++grp) {
+          const float* x = row + grp * gs;
+          float d, lo;
+          if (search)
+            int4_search_params(sym, x, gs, &d, &lo);
+          else
+            int4_amax_params(sym, x, 0, ptrdiff_t(gs), &d, &lo);
+          const float id = inverse_or_zero(d);
+          for (size_t k = 0; k < gs; ++k) {
+            const size_t kk = grp * gs + k;
+            orow[kk / 2] = uint8_t(orow[kk / 2] | int4_code(sym, x[k], id, lo) << (kk % 2 ? 4 : 0));
+          }
+          scales[r * ngroups + grp] = d;
+          if (!sym) mins[r * ngroups + grp] = lo;
+        }
+      }
+      return;
     }
   }
 }

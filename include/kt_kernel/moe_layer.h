@@ -31,6 +31,11 @@ struct MoeConfig {
   ActivationParams activation;
 };
 
+// Which of a token's CPU pairs a call computes (expert deferral,
+// INTERFACE.md): with d = deferred_per_token, the d lowest-weight CPU pairs of
+// each token (ties: the later k position first) are "deferred".
+enum class PairFilter : int32_t { kAll = 0, kMainOnly = 1, kDeferredOnly = 2 };
+
 // Inputs of one forward call; all pointers are the caller's, read during
 // the call only. Strides are in elements.
 struct MoeForwardArgs {
@@ -48,6 +53,8 @@ struct MoeForwardArgs {
   void* y = nullptr;                 // [tokens][hidden], written completely
   DType y_dtype = DType::kF32;
   size_t y_stride = 0;
+  PairFilter pair_filter = PairFilter::kAll;  // kAll ignores deferred_per_token
+  uint32_t deferred_per_token = 0;
 };
 
 class MoeLayer {
@@ -67,6 +74,27 @@ class MoeLayer {
   // unloaded (nullptr = load all).
   void load_dense(const void* gate, const void* up, const void* down, DType dt, uint32_t num_logical,
                   const int64_t* slot_to_logical, const uint8_t* load_slot);
+
+  // Per-expert loading (converted files, checkpoints read expert by expert):
+  // allocate() reserves every slice's arena and marks all slots unloaded
+  // (pages are placed later, by the first writer); then each
+  // load_expert_* packs one slot's three matrices, every slice by the
+  // threads of its own sub-pool. Slots never loaded stay unloaded (forward
+  // then raises if one is routed to the CPU).
+  void allocate();
+  // Already-quantised canonical matrices (pack.h "Canonical quantised
+  // form"): gate and up [I][H], down [H][I], full (un-sliced) matrices.
+  struct QuantizedMatrix {
+    const void* q = nullptr;
+    size_t ld_q = 0;  // elements (bytes for INT4) per row
+    const float* scales = nullptr;
+    const float* mins = nullptr;
+    size_t scales_ld = 0;
+  };
+  void load_expert_quantized(uint32_t slot, const QuantizedMatrix& gate, const QuantizedMatrix& up,
+                             const QuantizedMatrix& down);
+  // Dense row-major matrices of one expert: gate, up [I][H], down [H][I].
+  void load_expert_dense(uint32_t slot, const void* gate, const void* up, const void* down, DType dt);
 
   bool slot_loaded(uint32_t slot) const;
 
@@ -92,6 +120,10 @@ class MoeLayer {
 
  private:
   struct Slice;
+  // Runs fn(slice, which matrix, block_begin, block_end) over every slice's
+  // gate/up/down row blocks on that slice's sub-pool.
+  template <typename Fn>
+  void pack_expert_tasks(uint32_t slot, Fn&& fn);
   void forward_pass(const MoeForwardArgs& args, size_t t0, size_t tokens, const KernelTable& kt);
 
   MoeConfig cfg_;

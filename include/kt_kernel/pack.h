@@ -33,6 +33,45 @@ static inline void pack_matrix(QuantScheme s, const PackedGeometry& g, const voi
   pack_matrix_blocks(s, g, src, dt, ld, dst, 0, g.rows_padded / kRowBlock, col0, full_cols);
 }
 
+// Canonical quantised form of a matrix [rows][cols], the content of converted
+// files (what pack_matrix would store, before the shuffle into row blocks):
+//   codes  INT8: int8 [rows][ld_q];  INT4: uint8 [rows][ld_q] with two codes
+//          per byte, low nibble = even k (ld_q in bytes, >= cols / 2);
+//          BF16: uint16 bf16 bits [rows][ld_q].
+//   scales float [rows][scales_ld]: INT8 one per row; INT4 one per row and
+//          group of K (one per row when per channel). mins likewise, INT4
+//          asymmetric only (else nullptr).
+// Number of scale columns of a matrix with `cols` columns: INT4 grouped
+// cols / group_size, INT4 per channel and INT8 1, BF16 0.
+static inline size_t quantized_scale_cols(QuantScheme s, uint32_t group_size, size_t cols) {
+  if (s == QuantScheme::kBF16) return 0;
+  if (scheme_is_int4(s) && group_size != 0) return cols / group_size;
+  return 1;
+}
+
+// Packs row blocks [block_begin, block_end) of an already-quantised matrix:
+// a lossless shuffle, no re-quantisation. The packed matrix is columns
+// [col0, col0 + g.cols) of the canonical rows (a NUMA K slice; for grouped
+// INT4 col0 must be a multiple of the group size, and even for INT4). `q`,
+// `scales` and `mins` point at row 0, column 0 of the full canonical matrix
+// (g.rows rows). INT8 compensation = 128 * sum of the slice's codes;
+// per-channel scales are shared by all K slices. Padding is written, as by
+// pack_matrix_blocks. Throws std::invalid_argument on a misaligned col0.
+void pack_quantized_blocks(QuantScheme s, const PackedGeometry& g, const void* q, size_t ld_q, const float* scales,
+                           const float* mins, size_t scales_ld, void* dst, size_t block_begin, size_t block_end,
+                           size_t col0 = 0);
+
+// Quantises w [rows][cols] (row stride ld floats) into the canonical form
+// above (q, scales and mins packed densely: ld_q = cols, cols / 2 or cols;
+// scales_ld = quantized_scale_cols). With search = false the codes and
+// scales are exactly those pack_matrix stores. With search = true (INT4
+// only; INT8 and BF16 ignore it) each group's scale (and min) is chosen from
+// a grid around the amax rule, plus a least-squares refit, to minimise the
+// group's squared rounding error; the amax rule is one of the candidates, so
+// the error never grows. INT4 needs an even cols. Throws std::invalid_argument.
+void quantize_matrix(QuantScheme s, uint32_t group_size, const float* w, size_t rows, size_t cols, size_t ld,
+                     bool search, void* q, float* scales, float* mins);
+
 // The exact values the kernels use, as float64 [rows][cols]
 // (INT4: scale * q + bias evaluated in double, which is exact).
 void unpack_matrix(QuantScheme s, const PackedGeometry& g, const void* packed, double* out);

@@ -13,6 +13,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run a MoE layer at a real model's shape; print accuracy and speed", add_help=False)
     sub.add_parser("info", help="CPU features, NUMA topology and available backends")
+    sub.add_parser("convert", help="convert Hugging Face safetensors or GGUF experts into kt_kernel files",
+                   add_help=False)
+    if argv and argv[0] == "convert":
+        from .weights.convert import main as convert_main
+
+        return convert_main(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from . import _kt_kernel
+from . import _async
 from ._pool import get_pool
-from ._tensors import FLOAT_CODES, describe, empty_like_rows, is_torch, torch_module
+from ._tensors import FLOAT_CODES, describe, is_torch, torch_module
 
 # Native scheme codes (kt::QuantScheme).
 SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM = 0, 1, 2, 3
@@ -26,8 +27,11 @@ SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM = 0, 1, 2, 3
 # they run on AVX-512, AVX2 or scalar CPUs as well.
 _INT8_METHODS = ("AMXINT8", "MOE_INT8")
 _INT4_METHODS = ("AMXINT4", "MOE_INT4")
-SUPPORTED_METHODS = ("BF16",) + _INT8_METHODS + _INT4_METHODS
-_UPSTREAM_METHODS = ("FP8", "FP8_PERCHANNEL", "RAWINT4", "GPTQ_INT4", "LLAMAFILE", "MXFP4", "MXFP8")
+# FP8: e4m3 block-scaled checkpoints, dequantised exactly at load and run by the
+# BF16 kernels (no FP8 kernel yet). RAWINT4: compressed-tensors int4, loaded
+# losslessly as INT4 symmetric group 32 (see kt_kernel/weights/).
+SUPPORTED_METHODS = ("BF16", "FP8", "RAWINT4") + _INT8_METHODS + _INT4_METHODS
+_UPSTREAM_METHODS = ("FP8_PERCHANNEL", "GPTQ_INT4", "LLAMAFILE", "MXFP4", "MXFP8")
 DEFAULT_INT4_GROUP = 128
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -46,8 +50,15 @@ def _scheme_for(method: str, group_size: Optional[int], zero_point: bool, hidden
         raise TypeError(f"method: expected a str, got {type(method).__name__}")
     # group_size only shapes INT4 formats; servers pass it for every method, so
     # the other formats ignore it.
-    if method == "BF16":
+    if method in ("BF16", "FP8"):
         return SCHEME_BF16, 0
+    if method == "RAWINT4":
+        if group_size not in (None, 32) or zero_point:
+            raise ValueError(f"method RAWINT4 is INT4 symmetric with group 32, got group_size={group_size}, "
+                             f"zero_point={zero_point}")
+        if hidden % 32 or inter % 32:
+            raise ValueError("method RAWINT4 needs hidden_size and moe_intermediate_size multiples of 32")
+        return SCHEME_INT4_SYM, 32
     if method in _INT8_METHODS:
         return SCHEME_INT8, 0
     if method in _INT4_METHODS:
@@ -139,9 +150,8 @@ class KTMoEWrapper:
             raise ValueError(f"numa_nodes has {len(numa_nodes)} entries, threadpool_count is {pools}")
         if pools > threads:
             raise ValueError(f"threadpool_count ({pools}) exceeds cpuinfer_threads ({threads})")
-        if max_deferred is not None and _check_int("max_deferred_experts_per_token", max_deferred, 0) > 0:
-            raise NotImplementedError("expert deferral (max_deferred_experts_per_token > 0) is not available in this "
-                                      "build of kt_kernel yet; pass 0 or None")
+        if max_deferred is not None and _check_int("max_deferred_experts_per_token", max_deferred, 0) > top_k:
+            raise ValueError(f"max_deferred_experts_per_token ({max_deferred}) exceeds num_experts_per_tok ({top_k})")
         for name, v in (("swiglu_limit", swiglu_limit), ("swiglu_alpha", swiglu_alpha)):
             if not isinstance(v, (int, float)) or v != v or v < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
@@ -158,13 +168,19 @@ class KTMoEWrapper:
         self.numa_nodes = numa_nodes
         self.gpu_experts_mask = self._make_mask(gpu_experts_mask, num_gpu_experts)
         pool = get_pool(threads, numa_nodes)
+        self._group_size_default = group_size is None  # load_weights may adopt a converted file's group
+        self._activation = (float(swiglu_limit), float(swiglu_alpha))
+        self._pool = pool
         self._layer = _kt_kernel.MoeLayer(pool, self.num_experts, self.num_experts_per_tok, self.hidden_size,
                                           self.moe_intermediate_size, self.scheme, self.group_size,
                                           float(swiglu_limit), float(swiglu_alpha))
         self._loaded = False
         self._lock = threading.Lock()
         self._pending: Optional[Any] = None
-        self._out_cache: Dict[int, Any] = {}
+        self._out_cache: Dict[Any, Any] = {}
+        self._async = None  # native AsyncLayer, made on first submit (_async.py)
+        self._async_owner = None
+        self._expert_counts: Optional[np.ndarray] = None
         KTMoEWrapper._instances.add(self)
 
     def _make_mask(self, mask: Any, num_gpu_experts: int):
@@ -218,9 +234,21 @@ class KTMoEWrapper:
         self._loaded = True
 
     def load_weights(self, physical_to_logical_map: Any = None) -> None:
-        raise NotImplementedError(
-            "loading converted weight files (weight_path) is not available in this build of kt_kernel yet; "
-            "use load_weights_from_tensors")
+        """Loads this layer's experts from weight_path: converted files (`kt-kernel convert`), a Hugging Face
+        checkpoint or a GGUF file (see kt_kernel/weights/loader.py). Blocks until resident. Experts marked in
+        gpu_experts_mask are not loaded; physical_to_logical_map (int64 [num_experts]) picks each slot's expert."""
+        from .weights.loader import load_into
+
+        self._loaded = False
+        load_into(self, physical_to_logical_map)
+        self._loaded = True
+
+    def _rebuild_layer(self, group_size: int) -> None:
+        """Recreates the native layer with another INT4 group size (a converted file's, when none was given)."""
+        self.group_size = group_size
+        self._layer = _kt_kernel.MoeLayer(self._pool, self.num_experts,
+                                          self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size,
+                                          self.scheme, group_size, *self._activation)
 
     # ----------------------------------------------------------------- forward
     def _mask_ptr(self) -> int:
@@ -228,63 +256,53 @@ class KTMoEWrapper:
                         shape=(self.num_experts,), contiguous="full")
         return info.ptr
 
-    def _run(self, hidden_states: Any, topk_ids: Any, topk_weights: Any):
-        if not self._loaded:
-            raise RuntimeError("weights are not loaded: call load_weights_from_tensors first")
-        H, k = self.hidden_size, self.num_experts_per_tok
-        x = describe(hidden_states, "hidden_states", dtypes=_FLOAT_DTYPES, ndim=2, shape=(None, H))
-        T = x.shape[0]
-        ids = describe(topk_ids, "topk_ids", dtypes=("int32", "int64"), ndim=2, shape=(T, k))
-        w = describe(topk_weights, "topk_weights", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, k))
-        if is_torch(x.obj) != is_torch(ids.obj) or is_torch(x.obj) != is_torch(w.obj):
-            raise TypeError("hidden_states, topk_ids and topk_weights must all be torch tensors or all NumPy arrays")
-        y = self._output_buffer(x.obj)
-        if y is None:
-            y = empty_like_rows(x.obj, T, H)
-        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, H))
-        if T > 0:
-            self._layer.forward(T, x.ptr, FLOAT_CODES[x.dtype], x.row_stride, ids.ptr, ids.dtype == "int64",
-                                ids.row_stride, w.ptr, FLOAT_CODES[w.dtype], w.row_stride, self._mask_ptr(), yi.ptr,
-                                FLOAT_CODES[yi.dtype], yi.row_stride)
-        return y
-
-    def _output_buffer(self, hidden_states: Any):
-        """A persistent output buffer for captured batch sizes (CUDA-graph friendly), else None."""
-        T = int(hidden_states.shape[0])
-        if T not in KTMoEWrapper._capture_batch_sizes:
-            return None
-        buf = self._out_cache.get(T)
-        dtype = getattr(hidden_states, "dtype", None)
-        if buf is None or buf.dtype != dtype or is_torch(buf) != is_torch(hidden_states):
-            buf = empty_like_rows(hidden_states, T, self.hidden_size)
-            self._out_cache[T] = buf
-        return buf
-
     def forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0):
         """submit_forward then sync_forward."""
         self.submit_forward(hidden_states, topk_ids, topk_weights, cuda_stream)
         return self.sync_forward(hidden_states, cuda_stream)
 
-    def submit_forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0) -> None:
-        """Starts the layer; every read of the inputs is complete when this returns.
+    def submit_forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0,
+                       num_tokens: Any = None) -> None:
+        """Queues the layer and returns; every read of the inputs is ordered before the return.
 
-        This build computes the CPU path synchronously here (the inputs may be
-        overwritten by the caller right after the call).
+        cuda_stream == 0 with CPU tensors: the inputs are copied now (the caller
+        may overwrite them at once) and the work runs on the ordered queue.
+        A nonzero cuda_stream (or device inputs): copies and the CPU task are
+        enqueued on that stream; nothing here waits or allocates once the batch
+        size's buffers exist (CUDA-graph capturable). num_tokens (stream mode,
+        optional): an int64 [1] tensor whose value, read in stream order when
+        the work runs, is the number of leading rows to compute (the rest of
+        the output is zero).
         """
-        if cuda_stream:
-            raise NotImplementedError("CUDA stream ordering (cuda_stream != 0) is not available in this build yet")
         with self._lock:
-            if self._pending is not None:
-                raise RuntimeError(f"layer {self.layer_idx}: submit_forward called twice without sync_forward")
-            self._pending = self._run(hidden_states, topk_ids, topk_weights)
+            _async.submit(self, hidden_states, topk_ids, topk_weights, cuda_stream, num_tokens)
 
     def sync_forward(self, hidden_states: Any, cuda_stream: int = 0):
-        """The result of the last submit_forward: [T, H] in the input's dtype."""
+        """The result of the last submit_forward: [T, H] in the input's dtype, on its device.
+
+        CPU mode: waits for the work. Stream mode: enqueues the wait and the
+        copy of the output on the stream and returns the output tensor at once.
+        With expert deferral the layer's deferred experts are still running; the
+        next layer's output includes them.
+        """
         with self._lock:
-            if self._pending is None:
-                raise RuntimeError(f"layer {self.layer_idx}: sync_forward called without submit_forward")
-            y, self._pending = self._pending, None
-        return y
+            return _async.sync(self, hidden_states, cuda_stream)
+
+    # ------------------------------------------------------- expert placement
+    def enable_activation_counting(self, on: bool = True) -> None:
+        """Counts, per expert, the (token, k) pairs routed to it (valid ids, GPU-resident experts
+        included), from now on; cheap (done by the layer task). See kt_kernel.placement."""
+        self._expert_counts = np.zeros(self.num_experts, np.int64) if on else None
+
+    def activation_counts(self) -> np.ndarray:
+        """int64 [num_experts] counts since enable_activation_counting (zeros if off). In stream mode
+        they are complete once the stream has passed this layer's sync."""
+        c = self._expert_counts
+        return np.zeros(self.num_experts, np.int64) if c is None else c.copy()
+
+    def reset_activation_counts(self) -> None:
+        if self._expert_counts is not None:
+            self._expert_counts[:] = 0
 
     # --------------------------------------------------------- buffer policy
     @staticmethod
@@ -301,6 +319,9 @@ class KTMoEWrapper:
         """Frees the persistent output buffers of every wrapper (the sizes stay)."""
         for w in list(KTMoEWrapper._instances):
             w._out_cache.clear()
+            if w._async is not None:
+                w._async.clear_persistent()
+        _kt_kernel.release_async_staging()
 
     # ------------------------------------------------------------ inspection
     @property

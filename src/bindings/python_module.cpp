@@ -142,12 +142,85 @@ py::tuple prepare_acts(const std::string& backend, int scheme, py::array_t<float
   return py::make_tuple(data, scale, sums);
 }
 
+// Canonical quantised form of w (pack.h): (codes, scales, mins or None).
+py::tuple quantize_to_arrays(int scheme, uint32_t group, py::array_t<float, py::array::c_style | py::array::forcecast> w,
+                             bool search) {
+  if (w.ndim() != 2) throw std::invalid_argument("weights must be 2-D [rows, cols]");
+  const QuantScheme s = to_scheme(scheme);
+  const size_t rows = size_t(w.shape(0)), cols = size_t(w.shape(1));
+  const size_t sc = quantized_scale_cols(s, group, cols);
+  py::array q = s == QuantScheme::kBF16 ? py::array(py::array_t<uint16_t>({py::ssize_t(rows), py::ssize_t(cols)}))
+                : s == QuantScheme::kInt8PerChannel ? py::array(py::array_t<int8_t>({py::ssize_t(rows), py::ssize_t(cols)}))
+                : py::array(py::array_t<uint8_t>({py::ssize_t(rows), py::ssize_t(cols / 2)}));
+  py::array_t<float> scales({py::ssize_t(rows), py::ssize_t(sc)});
+  py::object mins = py::none();
+  float* mins_ptr = nullptr;
+  if (s == QuantScheme::kInt4Asym) {
+    py::array_t<float> m({py::ssize_t(rows), py::ssize_t(sc)});
+    mins_ptr = m.mutable_data();
+    mins = m;
+  }
+  void* qp = q.mutable_data();
+  float* sp = scales.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    quantize_matrix(s, group, w.data(), rows, cols, cols, search, qp, sp, mins_ptr);
+  }
+  return py::make_tuple(q, s == QuantScheme::kBF16 ? py::object(py::none()) : py::object(scales), mins);
+}
+
+// Packs a canonical quantised matrix (contiguous arrays) into layout v1,
+// columns [col0, col0 + cols) of it.
+py::array_t<uint8_t> pack_quantized_to_array(int scheme, uint32_t group, uint32_t rows, uint32_t cols, py::array q,
+                                             py::object scales, py::object mins, uint32_t col0) {
+  const QuantScheme s = to_scheme(scheme);
+  PackedGeometry g;
+  if (!packed_geometry(s, rows, cols, group, &g)) throw std::invalid_argument("invalid geometry");
+  if (!(q.flags() & py::array::c_style) || q.ndim() != 2 || size_t(q.shape(0)) != rows)
+    throw std::invalid_argument("codes must be a C-contiguous 2-D array with `rows` rows");
+  const size_t ld_q = size_t(q.shape(1));
+  const size_t full_cols = scheme_is_int4(s) ? ld_q * 2 : ld_q;
+  if (size_t(col0) + cols > full_cols) throw std::invalid_argument("col0 + cols exceeds the codes' columns");
+  if (size_t(q.itemsize()) != (s == QuantScheme::kBF16 ? 2u : 1u)) throw std::invalid_argument("codes have the wrong item size");
+  py::array_t<float, py::array::c_style | py::array::forcecast> sc, mn;
+  size_t sld = 0;
+  if (s != QuantScheme::kBF16) {
+    sc = py::array_t<float, py::array::c_style | py::array::forcecast>(scales);
+    if (sc.ndim() != 2 || size_t(sc.shape(0)) != rows || size_t(sc.shape(1)) != quantized_scale_cols(s, group, full_cols))
+      throw std::invalid_argument("scales have the wrong shape");
+    sld = size_t(sc.shape(1));
+  }
+  if (s == QuantScheme::kInt4Asym) {
+    mn = py::array_t<float, py::array::c_style | py::array::forcecast>(mins);
+    if (mn.ndim() != 2 || mn.shape(0) != sc.shape(0) || mn.shape(1) != sc.shape(1))
+      throw std::invalid_argument("mins have the wrong shape");
+  }
+  py::array_t<uint8_t> out{py::ssize_t(g.total_bytes)};
+  pack_quantized_blocks(s, g, q.data(), ld_q, sc ? sc.data() : nullptr, mn ? mn.data() : nullptr, sld,
+                        out.mutable_data(), 0, g.rows_padded / kRowBlock, col0);
+  return out;
+}
+
+MoeLayer::QuantizedMatrix quantized_ref(const std::vector<uintptr_t>& a) {
+  // (codes address, ld_q, scales address, mins address, scales_ld), validated by the caller.
+  if (a.size() != 5) throw std::invalid_argument("a quantised matrix is (q, ld_q, scales, mins, scales_ld)");
+  MoeLayer::QuantizedMatrix m;
+  m.q = ptr<void>(a[0]);
+  m.ld_q = size_t(a[1]);
+  m.scales = a[2] ? ptr<float>(a[2]) : nullptr;
+  m.mins = a[3] ? ptr<float>(a[3]) : nullptr;
+  m.scales_ld = size_t(a[4]);
+  return m;
+}
+
 struct PyMoe {
   std::shared_ptr<ThreadPool> pool;  // keeps the pool alive as long as a layer uses it
   std::unique_ptr<MoeLayer> layer;
 };
 
 }  // namespace
+
+void register_async_bindings(py::module_& m);  // async_module.cpp
 
 PYBIND11_MODULE(_kt_kernel, m) {
   m.doc() = "kt_kernel native module (use the kt_kernel package, not this module)";
@@ -164,6 +237,10 @@ PYBIND11_MODULE(_kt_kernel, m) {
   m.def("unpack_matrix", &unpack_from_array);
   m.def("packed_geometry", &geometry);
   m.def("prepare_acts", &prepare_acts);
+  m.def("quantize_matrix", &quantize_to_arrays, py::arg("scheme"), py::arg("group_size"), py::arg("w"),
+        py::arg("search") = false);
+  m.def("pack_quantized", &pack_quantized_to_array, py::arg("scheme"), py::arg("group_size"), py::arg("rows"),
+        py::arg("cols"), py::arg("q"), py::arg("scales"), py::arg("mins"), py::arg("col0") = 0);
 
   py::class_<ThreadPool, std::shared_ptr<ThreadPool>>(m, "ThreadPool")
       .def(py::init([](int threads, std::vector<int> nodes, bool pin) {
@@ -230,6 +307,24 @@ PYBIND11_MODULE(_kt_kernel, m) {
              py::gil_scoped_release nogil;
              self.layer->forward(a);
            })
+      .def("allocate",
+           [](PyMoe& self) {
+             py::gil_scoped_release nogil;
+             self.layer->allocate();
+           })
+      .def("load_expert_quantized",
+           [](PyMoe& self, uint32_t slot, std::vector<uintptr_t> gate, std::vector<uintptr_t> up,
+              std::vector<uintptr_t> down) {
+             const auto g = quantized_ref(gate), u = quantized_ref(up), d = quantized_ref(down);
+             py::gil_scoped_release nogil;
+             self.layer->load_expert_quantized(slot, g, u, d);
+           })
+      .def("load_expert_dense",
+           [](PyMoe& self, uint32_t slot, uintptr_t gate, uintptr_t up, uintptr_t down, int dtype) {
+             const DType dt = to_dtype(dtype);
+             py::gil_scoped_release nogil;
+             self.layer->load_expert_dense(slot, ptr<void>(gate), ptr<void>(up), ptr<void>(down), dt);
+           })
       .def("slot_loaded", [](PyMoe& self, uint32_t s) { return self.layer->slot_loaded(s); })
       .def_property_readonly("packed_bytes", [](PyMoe& self) { return self.layer->packed_bytes(); })
       .def("unpack_expert",
@@ -249,5 +344,7 @@ PYBIND11_MODULE(_kt_kernel, m) {
              if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(float));
              return out;
            })
-      .def("slice_range", [](PyMoe& self, int s) { return self.layer->slice_range(s); });
+      .def("slice_range", [](PyMoe& self, int s) { return self.layer->slice_range(s); })
+      .def_property_readonly("address", [](PyMoe& self) { return reinterpret_cast<uintptr_t>(self.layer.get()); });
+  register_async_bindings(m);
 }

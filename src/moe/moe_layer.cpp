@@ -221,22 +221,7 @@ void MoeLayer::load_dense(const void* gate, const void* up, const void* down, DT
                                   " is outside [0, " + std::to_string(num_logical) + ")");
   }
   const size_t esize = dtype_size(dt);
-  // Allocate every slice's arena; pages are first touched by the packing
-  // threads of the slice's own sub-pool.
-  for (auto& sl : slices_) {
-    if (!sl->width()) continue;
-    sl->gate = AlignedBuffer(sl->gate_geo.total_bytes * E);
-    sl->up = AlignedBuffer(sl->gate_geo.total_bytes * E);
-    sl->down = AlignedBuffer(sl->down_geo.total_bytes * E);
-    sl->gate_views.resize(E);
-    sl->up_views.resize(E);
-    sl->down_views.resize(E);
-    for (uint32_t e = 0; e < E; ++e) {
-      sl->gate_views[e] = make_packed_view(cfg_.scheme, sl->gate_geo, sl->gate.data() + e * sl->gate_geo.total_bytes);
-      sl->up_views[e] = make_packed_view(cfg_.scheme, sl->gate_geo, sl->up.data() + e * sl->gate_geo.total_bytes);
-      sl->down_views[e] = make_packed_view(cfg_.scheme, sl->down_geo, sl->down.data() + e * sl->down_geo.total_bytes);
-    }
-  }
+  allocate();
   std::vector<size_t> counts(slices_.size(), size_t(E) * 3);
   pool_.parallel_for_subpools(counts.data(), [&](int s, size_t task, int) {
     Slice& sl = *slices_[size_t(s)];
@@ -255,6 +240,103 @@ void MoeLayer::load_dense(const void* gate, const void* up, const void* down, DT
       pack_matrix(cfg_.scheme, sl.down_geo, d, dt, I, sl.down.data() + e * sl.down_geo.total_bytes, sl.begin, I);
   });
   for (uint32_t e = 0; e < E; ++e) loaded_[e] = load_slot ? (load_slot[e] ? 1 : 0) : 1;
+}
+
+void MoeLayer::allocate() {
+  const uint32_t E = cfg_.num_experts;
+  // Every slice's arena; pages are first touched by the packing threads of
+  // the slice's own sub-pool (never-loaded slots are never touched).
+  for (auto& sl : slices_) {
+    if (!sl->width()) continue;
+    sl->gate = AlignedBuffer(sl->gate_geo.total_bytes * E);
+    sl->up = AlignedBuffer(sl->gate_geo.total_bytes * E);
+    sl->down = AlignedBuffer(sl->down_geo.total_bytes * E);
+    sl->gate_views.resize(E);
+    sl->up_views.resize(E);
+    sl->down_views.resize(E);
+    for (uint32_t e = 0; e < E; ++e) {
+      sl->gate_views[e] = make_packed_view(cfg_.scheme, sl->gate_geo, sl->gate.data() + e * sl->gate_geo.total_bytes);
+      sl->up_views[e] = make_packed_view(cfg_.scheme, sl->gate_geo, sl->up.data() + e * sl->gate_geo.total_bytes);
+      sl->down_views[e] = make_packed_view(cfg_.scheme, sl->down_geo, sl->down.data() + e * sl->down_geo.total_bytes);
+    }
+  }
+  loaded_.assign(E, 0);
+}
+
+template <typename Fn>
+void MoeLayer::pack_expert_tasks(uint32_t slot, Fn&& fn) {
+  if (slot >= cfg_.num_experts) throw std::invalid_argument("expert slot " + std::to_string(slot) + " is out of range");
+  for (const auto& sl : slices_)
+    if (sl->width() && sl->gate_views.size() != cfg_.num_experts)
+      throw std::logic_error("MoeLayer::allocate() must be called before loading experts");
+  // Tasks per slice: (matrix, chunk of row blocks), a few per thread.
+  const int S = int(slices_.size());
+  const size_t threads_per_slice = size_t(std::max(1, pool_.num_threads() / S));
+  struct Chunk {
+    int which;
+    uint32_t b0, b1;
+  };
+  std::vector<std::vector<Chunk>> chunks(static_cast<size_t>(S));
+  std::vector<size_t> counts(size_t(S), 0);
+  for (int s = 0; s < S; ++s) {
+    const Slice& sl = *slices_[size_t(s)];
+    if (!sl.width()) continue;
+    for (int which = 0; which < 3; ++which) {
+      const uint32_t blocks = (which == 2 ? sl.down_geo.rows_padded : sl.gate_geo.rows_padded) / kRowBlock;
+      const uint32_t per = uint32_t(std::max<size_t>(1, (blocks + 2 * threads_per_slice - 1) / (2 * threads_per_slice)));
+      for (uint32_t b = 0; b < blocks; b += per) chunks[size_t(s)].push_back({which, b, std::min(blocks, b + per)});
+    }
+    counts[size_t(s)] = chunks[size_t(s)].size();
+  }
+  pool_.parallel_for_subpools(counts.data(), [&](int s, size_t task, int) {
+    const Chunk& c = chunks[size_t(s)][task];
+    fn(*slices_[size_t(s)], c.which, size_t(c.b0), size_t(c.b1));
+  });
+  loaded_[slot] = 1;
+}
+
+void MoeLayer::load_expert_quantized(uint32_t slot, const QuantizedMatrix& gate, const QuantizedMatrix& up,
+                                     const QuantizedMatrix& down) {
+  for (const QuantizedMatrix* m : {&gate, &up, &down}) {
+    if (!m->q) throw std::invalid_argument("load_expert_quantized: missing codes");
+    if (cfg_.scheme != QuantScheme::kBF16 && !m->scales) throw std::invalid_argument("load_expert_quantized: missing scales");
+    if (cfg_.scheme == QuantScheme::kInt4Asym && !m->mins) throw std::invalid_argument("load_expert_quantized: missing mins");
+  }
+  const size_t elem = cfg_.scheme == QuantScheme::kBF16 ? 2 : 1;
+  pack_expert_tasks(slot, [&](Slice& sl, int which, size_t b0, size_t b1) {
+    const size_t off = size_t(slot);
+    if (which == 2) {
+      pack_quantized_blocks(cfg_.scheme, sl.down_geo, down.q, down.ld_q, down.scales, down.mins, down.scales_ld,
+                            sl.down.data() + off * sl.down_geo.total_bytes, b0, b1, sl.begin);
+      return;
+    }
+    // gate/up slice = rows [begin, end) of the canonical matrix.
+    const QuantizedMatrix& m = which == 0 ? gate : up;
+    const size_t row0 = sl.begin;
+    const uint8_t* q = static_cast<const uint8_t*>(m.q) + row0 * m.ld_q * elem;
+    const float* sc = m.scales ? m.scales + row0 * m.scales_ld : nullptr;
+    const float* mn = m.mins ? m.mins + row0 * m.scales_ld : nullptr;
+    AlignedBuffer& buf = which == 0 ? sl.gate : sl.up;
+    pack_quantized_blocks(cfg_.scheme, sl.gate_geo, q, m.ld_q, sc, mn, m.scales_ld,
+                          buf.data() + off * sl.gate_geo.total_bytes, b0, b1, 0);
+  });
+}
+
+void MoeLayer::load_expert_dense(uint32_t slot, const void* gate, const void* up, const void* down, DType dt) {
+  const uint32_t H = cfg_.hidden, I = cfg_.intermediate;
+  const size_t esize = dtype_size(dt);
+  if (!gate || !up || !down) throw std::invalid_argument("load_expert_dense: missing matrix");
+  pack_expert_tasks(slot, [&](Slice& sl, int which, size_t b0, size_t b1) {
+    const size_t off = size_t(slot);
+    if (which == 2) {
+      pack_matrix_blocks(cfg_.scheme, sl.down_geo, down, dt, I, sl.down.data() + off * sl.down_geo.total_bytes, b0, b1,
+                         sl.begin, I);
+      return;
+    }
+    const uint8_t* src = static_cast<const uint8_t*>(which == 0 ? gate : up) + size_t(sl.begin) * H * esize;
+    AlignedBuffer& buf = which == 0 ? sl.gate : sl.up;
+    pack_matrix_blocks(cfg_.scheme, sl.gate_geo, src, dt, H, buf.data() + off * sl.gate_geo.total_bytes, b0, b1);
+  });
 }
 
 void MoeLayer::unpack_expert(uint32_t slot, int which, double* out) const {

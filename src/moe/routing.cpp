@@ -27,13 +27,31 @@ int64_t build_routing(const MoeForwardArgs& args, size_t t0, size_t n, uint32_t 
                       const uint8_t* loaded, Routing* r) {
   r->count.assign(num_experts, 0);
   r->offset.resize(size_t(num_experts) + 1);
-  auto routed = [&](int64_t e) {
+  auto cpu_pair = [&](int64_t e) {
     return e >= 0 && e < int64_t(num_experts) && !(args.skip_mask && args.skip_mask[e]);
+  };
+  // Expert deferral: mark the pairs this call keeps.
+  r->take.clear();
+  if (args.pair_filter != PairFilter::kAll) {
+    r->take.assign(n * top_k, args.pair_filter == PairFilter::kMainOnly ? 1 : 0);
+    std::vector<std::pair<float, int32_t>>& order = r->rank_scratch;
+    for (size_t t = t0; t < t0 + n; ++t) {
+      order.clear();
+      for (size_t j = 0; j < top_k; ++j)
+        if (cpu_pair(load_id(args, t, j))) order.push_back({load_weight(args, t, j), -int32_t(j)});
+      std::sort(order.begin(), order.end());  // lowest weight first; ties: later k first
+      const size_t d = std::min<size_t>(args.deferred_per_token, order.size());
+      for (size_t i = 0; i < d; ++i)
+        r->take[(t - t0) * top_k + size_t(-order[i].second)] = args.pair_filter == PairFilter::kDeferredOnly ? 1 : 0;
+    }
+  }
+  auto routed_pair = [&](int64_t e, size_t t, size_t j) {
+    return cpu_pair(e) && (r->take.empty() || r->take[(t - t0) * top_k + j]);
   };
   for (size_t t = t0; t < t0 + n; ++t)
     for (size_t j = 0; j < top_k; ++j) {
       const int64_t e = load_id(args, t, j);
-      if (!routed(e)) continue;
+      if (!routed_pair(e, t, j)) continue;
       if (!loaded[e]) return e;
       ++r->count[size_t(e)];
     }
@@ -48,7 +66,7 @@ int64_t build_routing(const MoeForwardArgs& args, size_t t0, size_t n, uint32_t 
   for (size_t t = t0; t < t0 + n; ++t)
     for (size_t j = 0; j < top_k; ++j) {
       const int64_t e = load_id(args, t, j);
-      if (!routed(e)) continue;
+      if (!routed_pair(e, t, j)) continue;
       const int32_t p = cursor[size_t(e)]++;
       r->pair_token[size_t(p)] = int32_t(t - t0);
       r->pair_weight[size_t(p)] = load_weight(args, t, j);

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kt_kernel/moe_layer.h"
@@ -20,6 +21,8 @@ struct Routing {
   std::vector<int32_t> active_by_id; // the same experts in id order (summation order: a token's
                                      // result then does not depend on the rest of its batch)
   size_t pairs = 0;
+  std::vector<uint8_t> take;         // [n * top_k] pairs kept by args.pair_filter (empty = all)
+  std::vector<std::pair<float, int32_t>> rank_scratch;  // one token's (weight, -j), for the filter
 };
 
 // Buckets tokens [t0, t0 + n) of args. Ids < 0, >= num_experts or masked are

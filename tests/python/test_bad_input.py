@@ -26,7 +26,7 @@ def loaded():
     ({"hidden_size": -1}, ValueError, "hidden_size"),
     ({"hidden_size": 64.0}, TypeError, "hidden_size"),
     ({"method": "NOPE"}, ValueError, "unknown method 'NOPE'"),
-    ({"method": "FP8"}, ValueError, "not supported"),
+    ({"method": "MXFP4"}, ValueError, "not supported"),
     ({"method": "AMXINT4", "group_size": 48}, ValueError, "group_size"),
     ({"method": "AMXINT4", "hidden_size": 96}, ValueError, "default group size 128"),
     ({"threadpool_count": 3, "cpuinfer_threads": 2}, ValueError, "threadpool_count"),

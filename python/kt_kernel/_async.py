@@ -1,0 +1,121 @@
+"""submit_forward / sync_forward of KTMoEWrapper (INTERFACE.md), over the
+native AsyncLayer (src/moe/async_layer.h).
+
+Two modes, chosen per call:
+- CPU mode (cuda_stream == 0, CPU tensors): submit copies the inputs into the
+  layer's staging and queues the task on the process-wide ordered queue;
+  sync waits for it and returns the output (a persistent buffer for the
+  capture batch sizes).
+- Stream mode (a nonzero cuda_stream, or inputs on a CUDA device): submit and
+  sync only enqueue work on the stream (copies in, a host function that
+  queues the task, a host function that waits for it, the copy out). The CUDA
+  runtime is loaded at that moment, never for CPU-only use. Host (CPU)
+  tensors are accepted in stream mode too: the copies then run host to host,
+  in stream order. That is how the tests drive this path without a GPU, with
+  a stand-in runtime (KT_KERNEL_CUDART).
+
+The torch-CUDA glue is only: data_ptr()/device/dtype of the inputs, and the
+output allocated with torch on the caller's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _kt_kernel
+from ._tensors import FLOAT_CODES, describe, empty_like_rows, is_torch, torch_module
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _native(wr):
+    """The AsyncLayer of the wrapper's current native layer (rebuilt if the layer was)."""
+    a = getattr(wr, "_async", None)
+    if a is None or wr._async_owner is not wr._layer:
+        a = _kt_kernel.AsyncLayer(wr._layer, wr._layer.address, wr.layer_idx)
+        wr._async, wr._async_owner = a, wr._layer
+    return a
+
+
+def _device_key(info) -> str:
+    obj = info.obj
+    return str(obj.device) if is_torch(obj) else "numpy"
+
+
+def _output(wr, x_info, T: int, persistent: bool, use_stream: bool):
+    """[T, H] in the input's dtype on the input's device; persistent for capture sizes (one per mode, so
+    a CPU-mode call never writes a captured graph's output)."""
+    obj = x_info.obj
+    key = (T, x_info.dtype, _device_key(x_info), use_stream)
+    if persistent:
+        buf = wr._out_cache.get(key)
+        if buf is not None:
+            return buf
+    if is_torch(obj) and obj.device.type != "cpu":
+        buf = obj.new_empty((T, wr.hidden_size))
+    else:
+        buf = empty_like_rows(obj, T, wr.hidden_size)
+    if persistent:
+        wr._out_cache[key] = buf
+    return buf
+
+
+def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int,
+           num_tokens: Optional[Any] = None) -> None:
+    from .wrapper import KTMoEWrapper
+
+    if not wr._loaded:
+        raise RuntimeError("weights are not loaded: call load_weights_from_tensors or load_weights first")
+    if isinstance(cuda_stream, bool) or not isinstance(cuda_stream, (int, np.integer)) or cuda_stream < 0:
+        raise TypeError(f"cuda_stream: expected a non-negative int (a cudaStream_t handle), got {cuda_stream!r}")
+    H, k = wr.hidden_size, wr.num_experts_per_tok
+    x = describe(hidden_states, "hidden_states", dtypes=_FLOAT_DTYPES, ndim=2, shape=(None, H), allow_cuda=True)
+    T = x.shape[0]
+    ids = describe(topk_ids, "topk_ids", dtypes=("int32", "int64"), ndim=2, shape=(T, k), allow_cuda=True)
+    w = describe(topk_weights, "topk_weights", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, k), allow_cuda=True)
+    if is_torch(x.obj) != is_torch(ids.obj) or is_torch(x.obj) != is_torch(w.obj):
+        raise TypeError("hidden_states, topk_ids and topk_weights must all be torch tensors or all NumPy arrays")
+    devices = {_device_key(i) for i in (x, ids, w)}
+    if len(devices) != 1:
+        raise ValueError(f"hidden_states, topk_ids and topk_weights must be on one device, got {sorted(devices)}")
+    on_device = x.device != "cpu"
+    use_stream = bool(cuda_stream) or on_device
+    if on_device and not cuda_stream:  # CUDA tensors without a stream: PyTorch's current stream
+        cuda_stream = int(torch_module().cuda.current_stream(x.obj.device).cuda_stream)
+    tokens_dev = 0
+    if num_tokens is not None:
+        if not use_stream:
+            raise ValueError("num_tokens applies to stream mode only (a nonzero cuda_stream or device inputs)")
+        nt = describe(num_tokens, "num_tokens", dtypes=("int64",), ndim=1, shape=(1,), allow_cuda=True)
+        tokens_dev = nt.ptr
+    if wr._pending is not None:
+        raise RuntimeError(f"layer {wr.layer_idx}: submit_forward called twice without sync_forward")
+    persistent = T in KTMoEWrapper._capture_batch_sizes
+    y, y_ptr, y_stride = None, 0, 0
+    if not use_stream:
+        y = _output(wr, x, T, persistent, False)
+        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, H))
+        y_ptr, y_stride = yi.ptr, yi.row_stride
+    counts = wr._expert_counts
+    _native(wr).submit(T, x.ptr, FLOAT_CODES[x.dtype], x.row_stride, ids.ptr, ids.dtype == "int64", ids.row_stride,
+                       w.ptr, FLOAT_CODES[w.dtype], w.row_stride, wr._mask_ptr(), y_ptr, FLOAT_CODES[x.dtype],
+                       y_stride, int(wr.max_deferred_experts_per_token or 0),
+                       counts.ctypes.data if counts is not None else 0, persistent, use_stream, int(cuda_stream),
+                       tokens_dev)
+    wr._pending = (use_stream, y, x, T, persistent)
+
+
+def sync(wr, hidden_states: Any, cuda_stream: int):
+    if wr._pending is None:
+        raise RuntimeError(f"layer {wr.layer_idx}: sync_forward called without submit_forward")
+    use_stream, y, x, T, persistent = wr._pending
+    wr._pending = None
+    if use_stream:
+        y = _output(wr, x, T, persistent, True)
+        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, wr.hidden_size), allow_cuda=True)
+        _native(wr).sync(yi.ptr, yi.row_stride)
+    else:
+        _native(wr).sync(0, 0)
+    return y

@@ -1,0 +1,150 @@
+// Packing from already-quantised (canonical) data, the path converted files
+// take: it must reproduce pack_matrix byte for byte, per K slice too, and the
+// per-expert MoeLayer load must equal load_dense on any number of slices.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "kt_kernel/moe_layer.h"
+#include "kt_kernel/pack.h"
+#include "thread_pool.h"
+
+namespace kt {
+namespace {
+
+std::vector<float> random_matrix(size_t rows, size_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> m(rows * cols);
+  for (auto& v : m) v = dist(rng);
+  return m;
+}
+
+struct Canonical {
+  std::vector<uint8_t> q;
+  std::vector<float> scales, mins;
+  size_t ld_q = 0, scales_ld = 0;
+};
+
+Canonical quantize(QuantScheme s, uint32_t group, const std::vector<float>& w, size_t rows, size_t cols, bool search) {
+  Canonical c;
+  c.ld_q = scheme_is_int4(s) ? cols / 2 : cols;
+  c.q.resize(rows * c.ld_q * (s == QuantScheme::kBF16 ? 2 : 1));
+  c.scales_ld = quantized_scale_cols(s, group, cols);
+  c.scales.resize(rows * c.scales_ld + 1);
+  c.mins.resize(rows * c.scales_ld + 1);
+  quantize_matrix(s, group, w.data(), rows, cols, cols, search, c.q.data(), c.scales.data(), c.mins.data());
+  return c;
+}
+
+struct Case {
+  QuantScheme s;
+  uint32_t group;
+};
+const Case kCases[] = {{QuantScheme::kBF16, 0},     {QuantScheme::kInt8PerChannel, 0}, {QuantScheme::kInt4Sym, 32},
+                       {QuantScheme::kInt4Sym, 0},  {QuantScheme::kInt4Asym, 64},      {QuantScheme::kInt4Asym, 0}};
+
+TEST(PackQuantized, ReproducesPackMatrixForWholeMatricesAndKSlices) {
+  for (const Case& c : kCases) {
+    for (size_t rows : {1, 17, 33}) {
+      const size_t cols = 256;
+      const auto w = random_matrix(rows, cols, uint32_t(rows * 7 + c.group));
+      const Canonical q = quantize(c.s, c.group, w, rows, cols, false);
+      for (size_t col0 : {size_t(0), size_t(128)}) {
+        PackedGeometry g;
+        ASSERT_TRUE(packed_geometry(c.s, uint32_t(rows), uint32_t(cols - col0), c.group, &g));
+        std::vector<uint8_t> a(g.total_bytes, 0xAB), b(g.total_bytes, 0xCD);
+        pack_matrix(c.s, g, w.data(), DType::kF32, cols, a.data(), col0, cols);
+        pack_quantized_blocks(c.s, g, q.q.data(), q.ld_q, q.scales.data(), q.mins.data(), q.scales_ld, b.data(), 0,
+                              g.rows_padded / kRowBlock, col0);
+        EXPECT_EQ(a, b) << "scheme " << int(c.s) << " group " << c.group << " rows " << rows << " col0 " << col0;
+      }
+    }
+  }
+}
+
+TEST(PackQuantized, ScaleSearchNeverIncreasesTheError) {
+  for (QuantScheme s : {QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
+    const size_t rows = 32, cols = 128;
+    const auto w = random_matrix(rows, cols, 3);
+    double err[2];
+    for (int search = 0; search < 2; ++search) {
+      const Canonical q = quantize(s, 32, w, rows, cols, search != 0);
+      PackedGeometry g;
+      ASSERT_TRUE(packed_geometry(s, rows, cols, 32, &g));
+      std::vector<uint8_t> p(g.total_bytes);
+      pack_quantized_blocks(s, g, q.q.data(), q.ld_q, q.scales.data(), q.mins.data(), q.scales_ld, p.data(), 0,
+                            g.rows_padded / kRowBlock);
+      std::vector<double> out(rows * cols);
+      unpack_matrix(s, g, p.data(), out.data());
+      err[search] = 0;
+      for (size_t i = 0; i < out.size(); ++i) err[search] += (out[i] - w[i]) * (out[i] - w[i]);
+    }
+    EXPECT_LT(err[1], err[0]);
+  }
+}
+
+TEST(PackQuantized, RejectsAColumnOffsetInsideAGroup) {
+  PackedGeometry g;
+  ASSERT_TRUE(packed_geometry(QuantScheme::kInt4Sym, 16, 64, 64, &g));
+  std::vector<uint8_t> q(16 * 64), p(g.total_bytes);
+  std::vector<float> s(16 * 2);
+  EXPECT_THROW(pack_quantized_blocks(QuantScheme::kInt4Sym, g, q.data(), 64, s.data(), nullptr, 2, p.data(), 0, 1, 32),
+               std::invalid_argument);
+}
+
+TEST(MoeLayerPerExpertLoad, QuantizedAndDenseMatchLoadDenseOnTwoSlices) {
+  ThreadPool pool(2, {0, 0}, false);
+  const uint32_t E = 3, H = 128, I = 256;
+  for (const Case& c : kCases) {
+    MoeConfig cfg;
+    cfg.num_experts = E;
+    cfg.top_k = 2;
+    cfg.hidden = H;
+    cfg.intermediate = I;
+    cfg.scheme = c.s;
+    cfg.group_size = c.group;
+    const auto gate = random_matrix(size_t(E) * I, H, 1), up = random_matrix(size_t(E) * I, H, 2),
+               down = random_matrix(size_t(E) * H, I, 3);
+    MoeLayer ref(cfg, pool), by_q(cfg, pool), by_d(cfg, pool);
+    const uint8_t load[E] = {1, 0, 1};
+    ref.load_dense(gate.data(), up.data(), down.data(), DType::kF32, E, nullptr, load);
+    by_q.allocate();
+    by_d.allocate();
+    for (uint32_t e = 0; e < E; ++e) {
+      if (!load[e]) continue;
+      const std::vector<float> g(gate.begin() + e * I * H, gate.begin() + (e + 1) * I * H),
+          u(up.begin() + e * I * H, up.begin() + (e + 1) * I * H), d(down.begin() + e * H * I, down.begin() + (e + 1) * H * I);
+      const Canonical qg = quantize(c.s, c.group, g, I, H, false), qu = quantize(c.s, c.group, u, I, H, false),
+                      qd = quantize(c.s, c.group, d, H, I, false);
+      auto ref_of = [&](const Canonical& q) {
+        MoeLayer::QuantizedMatrix m;
+        m.q = q.q.data();
+        m.ld_q = q.ld_q;
+        m.scales = q.scales.data();
+        m.mins = q.mins.data();
+        m.scales_ld = q.scales_ld;
+        return m;
+      };
+      by_q.load_expert_quantized(e, ref_of(qg), ref_of(qu), ref_of(qd));
+      by_d.load_expert_dense(e, g.data(), u.data(), d.data(), DType::kF32);
+    }
+    for (uint32_t e = 0; e < E; ++e) {
+      EXPECT_EQ(by_q.slot_loaded(e), bool(load[e]));
+      if (!load[e]) continue;
+      for (int which = 0; which < 3; ++which) {
+        const size_t n = size_t(I) * H;
+        std::vector<double> a(n), b(n), d(n);
+        ref.unpack_expert(e, which, a.data());
+        by_q.unpack_expert(e, which, b.data());
+        by_d.unpack_expert(e, which, d.data());
+        EXPECT_EQ(a, b) << "scheme " << int(c.s) << " expert " << e << " matrix " << which;
+        EXPECT_EQ(a, d) << "scheme " << int(c.s) << " expert " << e << " matrix " << which;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kt
