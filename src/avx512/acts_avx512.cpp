@@ -63,7 +63,8 @@ static inline float quantize_row(const float* x, size_t k, size_t kp, Sink sink)
 static inline __m256i bf16_rne16(__m512 x) {
   const __m512i b = _mm512_castps_si512(x);
   const __m512i hi = _mm512_srli_epi32(b, 16);
-  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1))));
+  const __m512i round = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+  __m512i r = _mm512_add_epi32(b, round);
   r = _mm512_srli_epi32(r, 16);
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
                                                 _mm512_set1_epi32(0x7f800000));

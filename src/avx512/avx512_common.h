@@ -41,6 +41,7 @@ namespace {
 //     = 29 of 32. Each weight load feeds 6 dot instructions and each
 //     broadcast feeds 4, so 10 loads per 24 vpdpbusd: well inside Zen 5's
 //     two 512-bit loads per cycle at the 2 vpdpbusd per cycle peak.
+//   INT8 / BF16 GEMV: 2 streams x up to 12 tokens = 24 accumulators.
 //   INT4 GEMM: the nibbles of each stream are unpacked into two registers
 //     (low and high halves of the step) once and reused by every token, so
 //     4 streams x 4 tokens = 16 int32 accumulators + 8 unpacked + 2
@@ -48,21 +49,20 @@ namespace {
 //     stack tile (L1) and are touched once per group.
 // kMaxStreams / kMaxTileTokens bound the stack arrays of one tile.
 constexpr int kMaxStreams = 8;
-constexpr int kMaxTileTokens = 8;
+constexpr int kMaxTileTokens = 12;
 
-// Decode streams each row block once (GEMV): bandwidth wants several
-// independent streams in flight. Gate and up are fused, so a gate/up tile of
-// 2 row blocks already reads 4 streams; down uses 4 row blocks.
-// Prefetch distance: ~1 KiB per stream ahead (16 cache lines), enough to
-// cover the ~100 ns DRAM latency at ~10 bytes/cycle with 4 streams.
+// Decode (GEMV) streams each row block once from memory, each stream
+// prefetched some KiB ahead so that ~64-128 lines are in flight (the
+// ~100 ns DRAM latency times ~40 GB/s is ~4 KiB): 4 KiB per stream for the
+// 2-stream tiles, kPrefetchBytes for 4-8 streams (measured: shorter is
+// slower, longer no faster). The formats' files choose per tile shape.
 constexpr size_t kPrefetchBytes = 1024;
-// GEMM prefetches the next tile's weights into L2 (they are read from
-// there, and L1 holds the current tile's weights and activations).
+// Prefill (GEMM) reads a group of row blocks from L2 once per token tile
+// (4 blocks x 16 rows x K x 1-2 bytes: 128-256 KiB at K = 2048, 0.5-0.9 MiB
+// at K = 7168, within the 1 MiB L2) and meanwhile prefetches the next
+// group's blocks into L2, one line per step (measured ~10% faster than
+// without; T0 no better than T1).
 constexpr _mm_hint kGemmPrefetchHint = _MM_HINT_T1;
-
-// Weight panel reuse in GEMM: a tile's weights (4 streams x K bytes per
-// 16 rows; 128-256 KiB at K = 2048) stay in the 1 MiB L2 while every token
-// tile of the expert passes over them.
 
 // ---------------------------------------------------------------------------
 // Small helpers (no std:: templates).
@@ -168,18 +168,19 @@ struct Streams {
   size_t groups, group_steps;           // INT4: groups per row, steps per group
   size_t sums_per_group;                // INT4: activation sums (per 32 k) per group
   size_t block_bytes;                   // bytes of one block's weights
-  // Prefetch. GEMV: each stream prefetches kPrefetchBytes ahead; past the
-  // end of its block it continues pf_jump bytes further on (into the block
-  // this stream reads next, so the next tile starts warm). GEMM: one cache
-  // line per step from pf_line (a block of the next tile, spread over the
-  // token tiles of the current one).
+  size_t pf_dist;                       // streaming variant: prefetch distance in bytes
+  // Prefetch. Streaming variant: each stream prefetches pf_dist bytes
+  // ahead; past the end of its block it continues pf_jump bytes further on,
+  // into the block it reads next, so the next group of blocks starts warm.
+  // L2 variant: one cache line per step from pf_line, a block of the next
+  // group (token tile k >= 1 of a group warms its block k - 1).
   ptrdiff_t pf_jump;
   const uint8_t* pf_line;
 };
 
 // GEMV prefetch offset for the step at byte offset wo of a block.
 static inline ptrdiff_t gemv_prefetch_offset(const Streams& s, size_t wo) {
-  const size_t po = wo + kPrefetchBytes;
+  const size_t po = wo + s.pf_dist;
   return ptrdiff_t(po) + (po >= s.block_bytes ? s.pf_jump : 0);
 }
 
@@ -192,7 +193,10 @@ struct Tokens {
 using TileFn = void (*)(const Streams&, const Tokens&, float* res);
 
 // Run-time (streams, tokens) -> the tile kernel instantiated for them.
-// K<NS, MT, PF>::run is a format's tile kernel; PF selects the GEMV variant.
+// K<NS, MT, PF>::run is a format's tile kernel for NS streams and MT
+// tokens; PF selects the variant that streams its weights from memory (each
+// stream prefetched ahead, see Streams) over the one that reads them from
+// L2 (one line of the next tile's weights prefetched per step).
 template <template <int, int, bool> class K, bool PF, int NS, int MT>
 struct SelectMT {
   static TileFn get(size_t mt) { return mt == size_t(MT) ? &K<NS, MT, PF>::run : SelectMT<K, PF, NS, MT - 1>::get(mt); }
@@ -217,9 +221,11 @@ using SelectFn = TileFn (*)(size_t ns, size_t mt);
 // tile (one pass over the weights, prefetching ahead); GEMM cuts them into
 // tiles of `tile_tokens` and reuses each group of blocks' weights from cache.
 struct TilePlan {
-  SelectFn select;
+  SelectFn first;      // the first token tile of a group of blocks (streams from memory)
+  SelectFn rest;       // later token tiles (weights in L2)
   size_t blocks;       // row blocks per tile and matrix (gate/up: blocks of each)
   size_t tile_tokens;  // activation rows per tile
+  size_t pf_dist = kPrefetchBytes;  // prefetch distance of the streaming variant
 };
 
 static inline void fill_tokens(const ActsView& a, size_t t0, size_t mt, Tokens* tk) {
@@ -251,9 +257,10 @@ static inline void set_geometry(const PackedMatrixView& w, Streams* s) {
 }
 
 // Walks row blocks [bb, be) of `nmats` matrices of one geometry (gate and
-// up, or down alone) in tiles: the streams of a tile are blocks
-// [b, b + nb) of matrix 0, then of matrix 1. epi(b, nb, t0, mt, res)
-// consumes each tile's results.
+// up, or down alone) in groups of plan.blocks blocks per matrix; the
+// streams of a group's tiles are blocks [b, b + nb) of matrix 0, then of
+// matrix 1, and its token tiles follow one another over the same blocks.
+// epi(b, nb, t0, mt, res) consumes each tile's results.
 template <class Epilogue>
 static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, size_t nmats, size_t bb, size_t be,
                          const ActsView& a, Epilogue epi) {
@@ -261,6 +268,7 @@ static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, siz
   if (m == 0 || bb >= be) return;
   Streams s;
   set_geometry(mats[0], &s);
+  s.pf_dist = plan.pf_dist;
   Tokens tk;
   alignas(64) float res[kMaxStreams * kMaxTileTokens * 16];
   const size_t bytes = s.block_bytes;
@@ -269,18 +277,22 @@ static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, siz
     const size_t ns = nmats * nb;
     for (size_t mi = 0; mi < nmats; ++mi)
       for (size_t j = 0; j < nb; ++j) set_stream(mats[mi], b + j, mi * nb + j, &s);
-    // The next tile's blocks: stream j's successor is nb blocks further in
-    // the same matrix; with no next tile, prefetches fall back on the
+    // The next group's blocks: stream j's successor is nb blocks further in
+    // the same matrix; with no next group, prefetches fall back on the
     // block itself (already cached).
     const size_t next_nb = b + nb < be ? min_sz(plan.blocks, be - b - nb) : 0;
     s.pf_jump = next_nb ? ptrdiff_t((nb - 1) * bytes) : -ptrdiff_t(bytes);
     for (size_t t0 = 0, tile = 0; t0 < m; t0 += plan.tile_tokens, ++tile) {
       const size_t mt = min_sz(plan.tile_tokens, m - t0);
-      // GEMM: token tile k warms block k of the next tile.
-      const size_t k = tile % (nmats * (next_nb ? next_nb : 1));
-      s.pf_line = next_nb ? mats[k / next_nb].weights + (b + nb + k % next_nb) * bytes : s.w[0];
+      // The first token tile streams the blocks from memory with GEMV
+      // prefetching; token tile k >= 1 warms block k - 1 of the next group.
+      s.pf_line = s.w[0];
+      if (next_nb && tile) {
+        const size_t k = (tile - 1) % (nmats * next_nb);
+        s.pf_line = mats[k / next_nb].weights + (b + nb + k % next_nb) * bytes;
+      }
       fill_tokens(a, t0, mt, &tk);
-      plan.select(ns, mt)(s, tk, res);
+      (tile ? plan.rest : plan.first)(ns, mt)(s, tk, res);
       epi(b, nb, t0, mt, res);
     }
   }

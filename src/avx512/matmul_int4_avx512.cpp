@@ -17,13 +17,27 @@ namespace kt {
 namespace avx512 {
 namespace {
 
-// Up to this many tokens run as GEMV (one pass over the weights, prefetched).
-// Measured on Zen 5: beyond it the tiled GEMM, reusing the weights from L2,
-// is faster.
-constexpr size_t kQ4GemvMaxTokens = 4;
-// 4 streams x 4 tokens: 16 int32 accumulators + 8 unpacked nibble registers
-// + 2 broadcasts + the nibble mask = 27 zmm (see avx512_common.h).
-constexpr size_t kQ4Streams = 4;
+// Geometry (register budget in avx512_common.h; measured on Zen 5, 1 core,
+// DRAM-resident weights). Up to kQ4GemvMaxTokens tokens run as GEMV: one
+// pass over the weights with every token in the tile, each stream
+// prefetched ahead (5-6 tokens: 24-28 GB/s, against 21-22 through the GEMM
+// tiles). Beyond it, 4 x 4 GEMM tiles (16 int32 accumulators + 8 unpacked
+// nibble registers + 2 broadcasts + the nibble mask = 27 zmm), the first
+// token tile streaming the weights and the others reading them from L2.
+constexpr size_t kQ4GemvMaxTokens = 6;
+// GEMV streams. gate/up: 1 gate + 1 up block, prefetched 4 KiB ahead (2
+// streams at 4 KiB read 10-25 percent faster than 4 or 8 at 1 KiB). down:
+// 8 blocks at 1-2 tokens (8-10 percent faster than 4), 4 blocks at 3-4
+// tokens, 2 blocks at 5-6 (the accumulators must fit: blocks x tokens <= 16).
+constexpr size_t kQ4GemvGateUpBlocks = 1;
+constexpr size_t kQ4GateUpPrefetchBytes = 4096;
+constexpr size_t kQ4GemvWideTokens = 2;
+constexpr size_t kQ4GemvWideDownBlocks = 8;
+constexpr size_t kQ4GemvMidTokens = 4;
+constexpr size_t kQ4GemvDownBlocks = 4;
+constexpr size_t kQ4GemvNarrowDownBlocks = 2;
+constexpr size_t kQ4DownPrefetchBytes = 1024;
+constexpr size_t kQ4GemmStreams = 4;
 constexpr size_t kQ4GemmTokens = 4;
 
 template <bool kMins>
@@ -113,38 +127,54 @@ struct Q4 {
   };
 };
 
+static_assert(kQ4GemmStreams % 2 == 0 && kQ4GemmStreams <= kMaxStreams && kQ4GemmTokens <= kMaxTileTokens &&
+                  2 * kQ4GemvGateUpBlocks <= 4 && kQ4GemvDownBlocks <= 4 && kQ4GemvWideDownBlocks <= kMaxStreams &&
+                  kQ4GemvMaxTokens <= 6 && kQ4GemvWideTokens <= 2,
+              "tile bounds (instantiated ranges below)");
+
 template <bool kMins>
 TileFn select_gemv(size_t ns, size_t mt) {
-  return SelectTile<Q4<kMins>::template Tile, true, kQ4Streams, kQ4GemvMaxTokens>::get(ns, mt);
+  return SelectTile<Q4<kMins>::template Tile, true, 4, kQ4GemvMaxTokens>::get(ns, mt);
+}
+template <bool kMins>
+TileFn select_gemv_wide(size_t ns, size_t mt) {
+  return SelectTile<Q4<kMins>::template Tile, true, kQ4GemvWideDownBlocks, kQ4GemvWideTokens>::get(ns, mt);
+}
+template <bool kMins>
+TileFn select_gemm_first(size_t ns, size_t mt) {
+  return SelectTile<Q4<kMins>::template Tile, true, kQ4GemmStreams, kQ4GemmTokens>::get(ns, mt);
 }
 template <bool kMins>
 TileFn select_gemm(size_t ns, size_t mt) {
-  return SelectTile<Q4<kMins>::template Tile, false, kQ4Streams, kQ4GemmTokens>::get(ns, mt);
+  return SelectTile<Q4<kMins>::template Tile, false, kQ4GemmStreams, kQ4GemmTokens>::get(ns, mt);
 }
 
-static_assert(kQ4Streams % 2 == 0 && kQ4Streams <= kMaxStreams && kQ4GemmTokens <= kMaxTileTokens &&
-                  kQ4GemvMaxTokens <= kMaxTileTokens,
-              "tile bounds");
+// `matrices` weight matrices share each tile's streams (gate/up: 2).
+template <bool kMins>
+TilePlan plan_for(size_t tokens, size_t matrices) {
+  if (tokens <= kQ4GemvMaxTokens) {
+    if (matrices == 2)
+      return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvGateUpBlocks, tokens, kQ4GateUpPrefetchBytes};
+    if (tokens <= kQ4GemvWideTokens)
+      return TilePlan{select_gemv_wide<kMins>, select_gemv_wide<kMins>, kQ4GemvWideDownBlocks, tokens,
+                      kQ4DownPrefetchBytes};
+    if (tokens <= kQ4GemvMidTokens)
+      return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvDownBlocks, tokens, kQ4DownPrefetchBytes};
+    return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvNarrowDownBlocks, tokens, kQ4GateUpPrefetchBytes};
+  }
+  return TilePlan{select_gemm_first<kMins>, select_gemm<kMins>, kQ4GemmStreams / matrices, kQ4GemmTokens};
+}
 
 template <bool kMins>
 void gate_up_q4(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin, size_t block_end,
                 const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  if (a.rows <= kQ4GemvMaxTokens)
-    drive_gate_up(TilePlan{select_gemv<kMins>, kQ4Streams / 2, a.rows}, gate, up, block_begin, block_end, a, act, h,
-                  ldh);
-  else
-    drive_gate_up(TilePlan{select_gemm<kMins>, kQ4Streams / 2, kQ4GemmTokens}, gate, up, block_begin, block_end, a,
-                  act, h, ldh);
+  drive_gate_up(plan_for<kMins>(a.rows, 2), gate, up, block_begin, block_end, a, act, h, ldh);
 }
 
 template <bool kMins>
 void down_q4(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
              const float* row_weight, float* const* out_rows) {
-  if (a.rows <= kQ4GemvMaxTokens)
-    drive_down(TilePlan{select_gemv<kMins>, kQ4Streams, a.rows}, w, block_begin, block_end, a, row_weight, out_rows);
-  else
-    drive_down(TilePlan{select_gemm<kMins>, kQ4Streams, kQ4GemmTokens}, w, block_begin, block_end, a, row_weight,
-               out_rows);
+  drive_down(plan_for<kMins>(a.rows, 1), w, block_begin, block_end, a, row_weight, out_rows);
 }
 
 }  // namespace

@@ -5,10 +5,10 @@
 // reference's operations in order, so results are bit-identical to it.
 //
 // Decode (few tokens per expert) is a GEMV bound by memory bandwidth: all
-// tokens ride one pass over the weights, several row blocks (independent
-// streams) at once, with software prefetch. Prefill is a register-blocked
-// GEMM: 4 row blocks x 6 tokens per tile, the 4 blocks' weights reused from
-// L2 by every token tile.
+// tokens ride one pass over the weights, gate and up (or two down blocks)
+// streamed side by side with software prefetch. Prefill is a
+// register-blocked GEMM: 4 row blocks x 6 tokens per tile, the blocks'
+// weights reused from L2 by every token tile.
 #include "avx512/avx512_common.h"
 #include "avx512/kernels_avx512.h"
 
@@ -16,14 +16,24 @@ namespace kt {
 namespace avx512 {
 namespace {
 
-// Up to this many tokens run as GEMV (one pass, all tokens in one tile):
-// measured on Zen 5, the single pass stays at memory speed through 4 tokens
-// per expert; from 5 on the 4x6 GEMM tiles with L2 reuse are faster.
-constexpr size_t kQ8GemvMaxTokens = 4;
-// GEMV: 4 streams per tile (down: 4 row blocks; gate/up: 2 gate + 2 up).
-// GEMM: 4 streams x 6 tokens = 24 int32 accumulators (see avx512_common.h).
-constexpr size_t kQ8Streams = 4;
+// Geometry (register budget in avx512_common.h; measured on Zen 5, 1 core,
+// DRAM-resident weights). Up to kQ8GemvMaxTokens tokens run as GEMV: one
+// pass over the weights with every token in a tile of 2 streams (1 gate + 1
+// up block, or 2 down blocks; up to 2 x 12 = 24 accumulators), each stream
+// prefetched 4 KiB ahead. That stays at memory speed through 12 tokens
+// (INT8 768 x 2048 gate/up: 32-36 GB/s at 6-12 tokens, against 24-26 GB/s
+// through the GEMM tiles; 2 streams at 4 KiB also read 5-15 percent faster
+// than 4 at 1 KiB). Beyond it, GEMM: 4 streams (2 gate + 2 up blocks, or 4
+// down blocks) x 6 tokens = 24 accumulators, so that each broadcast feeds 4
+// dot products; the first token tile streams the weights (prefetched as in
+// GEMV), the others read them from L2 while prefetching the next blocks.
+constexpr size_t kQ8GemvMaxTokens = 12;
+constexpr size_t kQ8GemvGateUpBlocks = 1;
+constexpr size_t kQ8GemvDownBlocks = 2;
+constexpr size_t kQ8GemvPrefetchBytes = 4096;
 constexpr size_t kQ8GemmTokens = 6;
+constexpr size_t kQ8GemmGateUpBlocks = 2;
+constexpr size_t kQ8GemmDownBlocks = 4;
 
 template <int NS, int MT, bool PF>
 struct TileQ8 {
@@ -77,27 +87,33 @@ struct TileQ8 {
   }
 };
 
-TileFn select_gemv(size_t ns, size_t mt) { return SelectTile<TileQ8, true, 4, 4>::get(ns, mt); }
+static_assert(kQ8GemvDownBlocks <= 2 && 2 * kQ8GemvGateUpBlocks <= 2 && kQ8GemmDownBlocks <= 4 &&
+                  2 * kQ8GemmGateUpBlocks <= 4 && kQ8GemvMaxTokens <= kMaxTileTokens && kQ8GemmTokens <= 6,
+              "tile bounds (instantiated ranges below)");
+
+TileFn select_gemv(size_t ns, size_t mt) { return SelectTile<TileQ8, true, 2, kQ8GemvMaxTokens>::get(ns, mt); }
+TileFn select_gemm_first(size_t ns, size_t mt) { return SelectTile<TileQ8, true, 4, 6>::get(ns, mt); }
 TileFn select_gemm(size_t ns, size_t mt) { return SelectTile<TileQ8, false, 4, 6>::get(ns, mt); }
 
-static_assert(kQ8GemvMaxTokens <= 4 && kQ8Streams <= 4 && kQ8GemmTokens <= 6, "instantiated tile range");
+// `matrices` weight matrices share each tile's streams (gate/up: 2).
+TilePlan plan_for(size_t tokens, size_t matrices) {
+  if (tokens <= kQ8GemvMaxTokens)
+    return TilePlan{select_gemv, select_gemv, matrices == 1 ? kQ8GemvDownBlocks : kQ8GemvGateUpBlocks, tokens,
+                    kQ8GemvPrefetchBytes};
+  return TilePlan{select_gemm_first, select_gemm, matrices == 1 ? kQ8GemmDownBlocks : kQ8GemmGateUpBlocks,
+                  kQ8GemmTokens};
+}
 
 }  // namespace
 
 void gate_up_q8w_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  if (a.rows <= kQ8GemvMaxTokens)
-    drive_gate_up(TilePlan{select_gemv, kQ8Streams / 2, a.rows}, gate, up, block_begin, block_end, a, act, h, ldh);
-  else
-    drive_gate_up(TilePlan{select_gemm, kQ8Streams / 2, kQ8GemmTokens}, gate, up, block_begin, block_end, a, act, h, ldh);
+  drive_gate_up(plan_for(a.rows, 2), gate, up, block_begin, block_end, a, act, h, ldh);
 }
 
 void down_q8w_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
                           const float* row_weight, float* const* out_rows) {
-  if (a.rows <= kQ8GemvMaxTokens)
-    drive_down(TilePlan{select_gemv, kQ8Streams, a.rows}, w, block_begin, block_end, a, row_weight, out_rows);
-  else
-    drive_down(TilePlan{select_gemm, kQ8Streams, kQ8GemmTokens}, w, block_begin, block_end, a, row_weight, out_rows);
+  drive_down(plan_for(a.rows, 1), w, block_begin, block_end, a, row_weight, out_rows);
 }
 
 }  // namespace avx512

@@ -67,7 +67,7 @@ bool is_integer(QuantScheme s) { return s != QuantScheme::kBF16; }
 
 const uint32_t kRows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33, 64, 100};
 const uint32_t kCols[] = {64, 96, 128, 192, 320, 100};
-const size_t kTokens[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33, 64};
+const size_t kTokens[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17, 31, 32, 33, 64};
 
 std::vector<float> random_matrix(std::mt19937& rng, size_t n, float offset) {
   std::normal_distribution<float> d(0.0f, 1.0f);
@@ -144,7 +144,8 @@ TEST(KernelsAvx512, PrepareActsBitExact) {
   REQUIRE_AVX512(avx);
   const KernelTable& ref = backend_kernels("scalar");
   std::mt19937 rng(7);
-  for (const QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
+  for (const QuantScheme s :
+       {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
     if (format_provider("avx512", s) != "avx512") continue;
     for (size_t k : {1, 5, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 320, 1000, 2048}) {
       const size_t rows = 9, ldx = k + 3;
@@ -173,8 +174,8 @@ TEST(KernelsAvx512, PrepareActsBitExact) {
         }
       if (s != QuantScheme::kBF16) {
         for (size_t r = 0; r < rows; ++r)
-          EXPECT_EQ(0, std::memcmp(&a.scale[r], &b.scale[r], sizeof(float))) << "scale of row " << r << ": " << b.scale[r]
-                                                                             << ", reference " << a.scale[r];
+          EXPECT_EQ(0, std::memcmp(&a.scale[r], &b.scale[r], sizeof(float)))
+              << "scale of row " << r << ": " << b.scale[r] << ", reference " << a.scale[r];
       }
       for (size_t i = 0; i < a.sums.size(); ++i)
         if (a.sums[i] != b.sums[i]) {
@@ -203,8 +204,9 @@ bool run_case(const Format& f, const KernelTable& avx, const KernelTable& ref, c
   if (!make_packed(f, c.rows, c.cols, rng, &gate)) return true;
   make_packed(f, c.rows, c.cols, rng, &up);
   make_packed(f, c.rows, c.cols, rng, &down);
-  const std::string where = std::string(f.name) + " rows " + std::to_string(c.rows) + " cols " + std::to_string(c.cols) +
-                            " tokens " + std::to_string(c.tokens) + " col0 " + std::to_string(c.col0) +
+  const std::string where = std::string(f.name) + " rows " + std::to_string(c.rows) + " cols " +
+                            std::to_string(c.cols) + " tokens " + std::to_string(c.tokens) + " col0 " +
+                            std::to_string(c.col0) +
                             (c.gather ? " gather" : "") + " blocks [" + std::to_string(c.bb) + "," +
                             std::to_string(c.be) + ") " + (c.act.swiglu_limit > 0 ? "swigluoai" : "silu") +
                             " x*" + std::to_string(c.x_scale);
@@ -291,7 +293,9 @@ bool run_case(const Format& f, const KernelTable& avx, const KernelTable& ref, c
     for (size_t i = 0; i < o_ref.size() && ok; ++i) {
       const size_t n = i % ldo;
       const bool in = n >= n_begin && n < n_end;
-      if (!in ? !std::isnan(o_avx[i]) : (!std::isfinite(o_avx[i]) || std::fabs(double(o_avx[i]) - o_ref[i]) > kBf16Tol * omax)) {
+      const bool bad = !in ? !std::isnan(o_avx[i])
+                           : (!std::isfinite(o_avx[i]) || std::fabs(double(o_avx[i]) - o_ref[i]) > kBf16Tol * omax);
+      if (bad) {
         ADD_FAILURE() << "down out[" << i / ldo << "][" << n << "] = " << o_avx[i] << ", reference " << o_ref[i];
         ok = false;
       }
@@ -367,11 +371,12 @@ TEST_P(KernelsAvx512Format, EmptyCallsWriteNothing) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<float> h(3 * 40, nan), o(3 * 40, nan), rw(3, 1.0f);
   float* rows[3] = {o.data(), o.data() + 40, o.data() + 80};
-  for (const auto& call : {std::make_pair(size_t(0), size_t(3)), std::make_pair(size_t(3), size_t(2)), std::make_pair(size_t(2), size_t(2))}) {
-    const size_t n = call.first == 0 ? 0 : 3;  // zero rows, or an empty / reversed range
-    const ActsView a = acts.view(f.scheme, 0, nullptr, n);
-    kernels_for(*avx, f.scheme).gate_up(w.view, w.view, call.first, call.second, a, ActivationParams{}, h.data(), 40);
-    kernels_for(*avx, f.scheme).down(w.view, call.first, call.second, a, rw.data(), rows);
+  // Zero rows over the full range; three rows over an empty and a reversed range.
+  const size_t calls[3][3] = {{0, 0, 3}, {3, 2, 2}, {3, 3, 2}};  // rows, block_begin, block_end
+  for (const auto& c : calls) {
+    const ActsView a = acts.view(f.scheme, 0, nullptr, c[0]);
+    kernels_for(*avx, f.scheme).gate_up(w.view, w.view, c[1], c[2], a, ActivationParams{}, h.data(), 40);
+    kernels_for(*avx, f.scheme).down(w.view, c[1], c[2], a, rw.data(), rows);
   }
   for (float v : h) EXPECT_TRUE(std::isnan(v));
   for (float v : o) EXPECT_TRUE(std::isnan(v));
