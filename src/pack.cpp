@@ -59,6 +59,31 @@ void pack_block_int8(const PackedGeometry& g, const float* rows, size_t row_len,
   }
 }
 
+// INT8 grouped: per row and group of the packed columns, the INT8 rule
+// (quantize_row_i8) over the group; padding groups get scale 0, comp 0.
+void pack_block_int8_group(const PackedGeometry& g, const float* rows, size_t row_len, size_t col0,
+                           size_t valid_rows, uint8_t* blk, float* scales, int32_t* comp) {
+  std::vector<int8_t> q(g.group_size);
+  std::memset(blk, 0, g.block_weight_bytes);
+  for (size_t r = 0; r < kRowBlock; ++r) {
+    for (size_t grp = 0; grp < g.groups; ++grp) {
+      const size_t k0 = grp * g.group_size;
+      const size_t k1 = std::min<size_t>(k0 + g.group_size, g.cols);
+      int32_t sum = 0;
+      float scale = 0.0f;
+      if (r < valid_rows && k0 < k1) {
+        scale = ref::quantize_row_i8(rows + r * row_len + col0 + k0, k1 - k0, q.data());
+        for (size_t k = k0; k < k1; ++k) {
+          blk[int8_offset(r, k)] = uint8_t(q[k - k0]);
+          sum += q[k - k0];
+        }
+      }
+      scales[grp * kRowBlock + r] = scale;
+      comp[grp * kRowBlock + r] = 128 * sum;
+    }
+  }
+}
+
 // The amax rules on the statistics range w[s0, s1): Q4_0 (symmetric,
 // d = m / -8 with m the element of largest magnitude) and Q4_1 (asymmetric,
 // d = (max - min) / 15, lo = min).
@@ -217,6 +242,13 @@ void pack_matrix_blocks(QuantScheme s, const PackedGeometry& g, const void* src,
         pack_block_int8(g, rows.data(), row_len, col0, valid, blk, reinterpret_cast<float*>(base + g.scales_offset) + b * kRowBlock,
                         reinterpret_cast<int32_t*>(base + g.compensation_offset) + b * kRowBlock);
         break;
+      case QuantScheme::kInt8Group: {
+        const size_t per_block = size_t(g.groups) * kRowBlock;
+        pack_block_int8_group(g, rows.data(), row_len, col0, valid, blk,
+                              reinterpret_cast<float*>(base + g.scales_offset) + b * per_block,
+                              reinterpret_cast<int32_t*>(base + g.compensation_offset) + b * per_block);
+        break;
+      }
       case QuantScheme::kInt4Sym:
       case QuantScheme::kInt4Asym: {
         const size_t per_block = size_t(g.groups) * kRowBlock;
@@ -234,7 +266,7 @@ void pack_quantized_blocks(QuantScheme s, const PackedGeometry& g, const void* q
                            const float* mins, size_t scales_ld, void* dst, size_t block_begin, size_t block_end,
                            size_t col0) {
   const bool int4 = scheme_is_int4(s);
-  if (int4 && (col0 % 2 || (!g.per_channel && col0 % g.group_size)))
+  if ((int4 && col0 % 2) || (scheme_has_groups(s) && !g.per_channel && col0 % g.group_size))
     throw std::invalid_argument("pack_quantized_blocks: column offset " + std::to_string(col0) +
                                 " is not on a group boundary");
   uint8_t* base = static_cast<uint8_t*>(dst);
@@ -264,6 +296,28 @@ void pack_quantized_blocks(QuantScheme s, const PackedGeometry& g, const void* q
           }
           sc[r] = r < valid ? scales[(r0 + r) * scales_ld] : 0.0f;
           comp[r] = 128 * sum;
+        }
+        break;
+      }
+      case QuantScheme::kInt8Group: {
+        const int8_t* src = static_cast<const int8_t*>(q);
+        const size_t per_block = size_t(g.groups) * kRowBlock;
+        float* sc = reinterpret_cast<float*>(base + g.scales_offset) + b * per_block;
+        int32_t* comp = reinterpret_cast<int32_t*>(base + g.compensation_offset) + b * per_block;
+        const size_t g0 = col0 / g.group_size;
+        const size_t real_groups = (g.cols + g.group_size - 1) / g.group_size;
+        for (size_t r = 0; r < kRowBlock; ++r) {
+          for (size_t grp = 0; grp < g.groups; ++grp) {
+            int32_t sum = 0;
+            for (size_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) {
+              const int8_t v = (r < valid && k < g.cols) ? src[(r0 + r) * ld_q + col0 + k] : int8_t(0);
+              blk[int8_offset(r, k)] = uint8_t(v);
+              sum += v;
+            }
+            const bool real = r < valid && grp < real_groups;
+            sc[grp * kRowBlock + r] = real ? scales[(r0 + r) * scales_ld + g0 + grp] : 0.0f;
+            comp[grp * kRowBlock + r] = 128 * sum;
+          }
         }
         break;
       }
@@ -317,6 +371,18 @@ void quantize_matrix(QuantScheme s, uint32_t group_size, const float* w, size_t 
       for (size_t r = 0; r < rows; ++r) scales[r] = ref::quantize_row_i8(w + r * ld, cols, out + r * cols);
       return;
     }
+    case QuantScheme::kInt8Group: {
+      if ((group_size != 32 && group_size != 64 && group_size != 128) || cols % group_size)
+        throw std::invalid_argument("quantize_matrix: INT8 group size " + std::to_string(group_size) +
+                                    " must be 32, 64 or 128 dividing cols " + std::to_string(cols));
+      int8_t* out = static_cast<int8_t*>(q);
+      const size_t ngroups = cols / group_size;
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t grp = 0; grp < ngroups; ++grp)
+          scales[r * ngroups + grp] =
+              ref::quantize_row_i8(w + r * ld + grp * group_size, group_size, out + r * cols + grp * group_size);
+      return;
+    }
     case QuantScheme::kInt4Sym:
     case QuantScheme::kInt4Asym: {
       if (cols % 2) throw std::invalid_argument("quantize_matrix: INT4 needs an even number of columns");
@@ -364,6 +430,10 @@ void unpack_matrix(QuantScheme s, const PackedGeometry& g, const void* packed, d
           break;
         case QuantScheme::kInt8PerChannel:
           val = double(v.scales[b * kRowBlock + r]) * double(int8_t(blk[int8_offset(r, k)]));
+          break;
+        case QuantScheme::kInt8Group:
+          val = double(v.scales[(b * g.groups + k / g.group_size) * kRowBlock + r]) *
+                double(int8_t(blk[int8_offset(r, k)]));
           break;
         case QuantScheme::kInt4Sym:
         case QuantScheme::kInt4Asym: {

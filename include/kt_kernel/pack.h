@@ -18,6 +18,7 @@ namespace kt {
 // buffer of g.total_bytes laid out per g. Padding rows and columns are
 // written too, so dst needs no clearing.
 //   INT8:  per row: scale = amax / 127, q = rint(w * 127 / amax).
+//   INT8 grouped: the same rule per row and group of K.
 //   INT4 symmetric (llama.cpp Q4_0 rule): per group, d = m / -8 where m is the
 //          element of largest magnitude; q = clamp(rint(w / d) + 8, 0, 15).
 //   INT4 asymmetric (Q4_1 rule): d = (max - min) / 15, q = clamp(rint((w - min) / d), 0, 15).
@@ -38,21 +39,21 @@ static inline void pack_matrix(QuantScheme s, const PackedGeometry& g, const voi
 //   codes  INT8: int8 [rows][ld_q];  INT4: uint8 [rows][ld_q] with two codes
 //          per byte, low nibble = even k (ld_q in bytes, >= cols / 2);
 //          BF16: uint16 bf16 bits [rows][ld_q].
-//   scales float [rows][scales_ld]: INT8 one per row; INT4 one per row and
+//   scales float [rows][scales_ld]: INT8 one per row; INT4 and INT8 grouped one per row and
 //          group of K (one per row when per channel). mins likewise, INT4
 //          asymmetric only (else nullptr).
-// Number of scale columns of a matrix with `cols` columns: INT4 grouped
+// Number of scale columns of a matrix with `cols` columns: INT4 / INT8 grouped
 // cols / group_size, INT4 per channel and INT8 1, BF16 0.
 static inline size_t quantized_scale_cols(QuantScheme s, uint32_t group_size, size_t cols) {
   if (s == QuantScheme::kBF16) return 0;
-  if (scheme_is_int4(s) && group_size != 0) return cols / group_size;
+  if (scheme_has_groups(s) && group_size != 0) return cols / group_size;
   return 1;
 }
 
 // Packs row blocks [block_begin, block_end) of an already-quantised matrix:
 // a lossless shuffle, no re-quantisation. The packed matrix is columns
 // [col0, col0 + g.cols) of the canonical rows (a NUMA K slice; for grouped
-// INT4 col0 must be a multiple of the group size, and even for INT4). `q`,
+// INT4 / INT8 col0 must be a multiple of the group size, and even for INT4). `q`,
 // `scales` and `mins` point at row 0, column 0 of the full canonical matrix
 // (g.rows rows). INT8 compensation = 128 * sum of the slice's codes;
 // per-channel scales are shared by all K slices. Padding is written, as by

@@ -18,6 +18,13 @@
 // per group, so a single aligned load fetches them:
 //   INT8: value = scale[r] * q8;          compensation[r] = 128 * sum_k q8
 //         (activations are fed as u8 = q + 128; the compensation undoes it)
+//   INT8 grouped (scheme 4, e.g. GGUF Q8_0 loaded losslessly): the INT8 weight
+//         bytes above; value = scale[r][g] * q8 with scales [blocks][groups][16]
+//         as INT4, and compensation per row AND group, [blocks][groups][16]:
+//         comp[r][g] = 128 * sum of q8 over group g (int32). Per group g:
+//           dot_g = sum over the group of u8act * s8w (int32)
+//           acc   = fmaf(float(dot_g - comp[r][g]), scale[r][g], acc)  (group order)
+//         and v = acc * a_scale. Group sizes 32, 64 or 128.
 //   INT4: value = scale[r][g] * q4 + bias[r][g],  q4 in 0..15
 //         symmetric: bias = -8 * scale (not stored); asymmetric: bias = min.
 //   BF16: no scales.
@@ -60,15 +67,24 @@ enum class QuantScheme : uint32_t {
   kInt8PerChannel = 1,  // symmetric, one scale per output row
   kInt4Sym = 2,         // symmetric, one scale per row and group of K
   kInt4Asym = 3,        // scale and min per row and group of K
+  kInt8Group = 4,       // symmetric INT8, one scale per row and group of K (32/64/128)
 };
-constexpr int kNumSchemes = 4;
+constexpr int kNumSchemes = 5;
 
 static inline bool scheme_is_int4(QuantScheme s) {
   return s == QuantScheme::kInt4Sym || s == QuantScheme::kInt4Asym;
 }
 
+// INT8 weights (s8 codes, 4 k per step, u8 activations, compensation).
+static inline bool scheme_is_int8(QuantScheme s) {
+  return s == QuantScheme::kInt8PerChannel || s == QuantScheme::kInt8Group;
+}
+
+// Schemes whose scales are per row and group of K.
+static inline bool scheme_has_groups(QuantScheme s) { return scheme_is_int4(s) || s == QuantScheme::kInt8Group; }
+
 static inline uint32_t scheme_k_per_step(QuantScheme s) {
-  return s == QuantScheme::kBF16 ? 2u : (s == QuantScheme::kInt8PerChannel ? 4u : 8u);
+  return s == QuantScheme::kBF16 ? 2u : (scheme_is_int8(s) ? 4u : 8u);
 }
 
 static inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
@@ -86,9 +102,10 @@ struct PackedGeometry {
   size_t total_bytes = 0;
 };
 
-// group_size 0 means one group per row (per channel). Returns false (and
-// leaves *g untouched) when the combination is invalid: group not a multiple
-// of 32 or not dividing cols, or zero-sized matrix.
+// group_size 0 means one group per row (per channel; not for kInt8Group,
+// which needs 32, 64 or 128). Returns false (and leaves *g untouched) when
+// the combination is invalid: group not a multiple of 32 or not dividing
+// cols, or zero-sized matrix.
 static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, uint32_t group_size,
                                    PackedGeometry* g) {
   if (rows == 0 || cols == 0) return false;
@@ -109,6 +126,11 @@ static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, 
     r.group_size = r.cols_padded;
     r.groups = 1;
     r.per_channel = 1;
+  } else if (s == QuantScheme::kInt8Group) {
+    if (group_size != 32 && group_size != 64 && group_size != 128) return false;
+    if (cols % group_size != 0 || r.cols_padded % group_size != 0) return false;
+    r.group_size = group_size;
+    r.groups = r.cols_padded / group_size;
   } else {
     if (group_size == 0) {
       r.group_size = r.cols_padded;
@@ -129,9 +151,9 @@ static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, 
     r.mins_offset = off;
     off = round_up(off + blocks * r.groups * kRowBlock * sizeof(float), 64);
   }
-  if (s == QuantScheme::kInt8PerChannel) {
+  if (scheme_is_int8(s)) {  // per channel: groups = 1
     r.compensation_offset = off;
-    off = round_up(off + blocks * kRowBlock * sizeof(int32_t), 64);
+    off = round_up(off + blocks * r.groups * kRowBlock * sizeof(int32_t), 64);
   }
   r.total_bytes = off;
   *g = r;
@@ -143,9 +165,9 @@ struct PackedMatrixView {
   QuantScheme scheme = QuantScheme::kBF16;
   PackedGeometry geo;
   const uint8_t* weights = nullptr;       // [rows_padded/16][block_weight_bytes]
-  const float* scales = nullptr;          // INT4: [blocks][groups][16]; INT8: [blocks][16]
+  const float* scales = nullptr;          // INT4, INT8 grouped: [blocks][groups][16]; INT8: [blocks][16]
   const float* mins = nullptr;            // INT4 asym: [blocks][groups][16]
-  const int32_t* compensation = nullptr;  // INT8: [blocks][16]
+  const int32_t* compensation = nullptr;  // INT8: [blocks][16]; INT8 grouped: [blocks][groups][16]
 };
 
 static inline PackedMatrixView make_packed_view(QuantScheme s, const PackedGeometry& g, const void* base) {
@@ -156,7 +178,7 @@ static inline PackedMatrixView make_packed_view(QuantScheme s, const PackedGeome
   v.weights = b + g.weights_offset;
   if (s != QuantScheme::kBF16) v.scales = reinterpret_cast<const float*>(b + g.scales_offset);
   if (s == QuantScheme::kInt4Asym) v.mins = reinterpret_cast<const float*>(b + g.mins_offset);
-  if (s == QuantScheme::kInt8PerChannel) v.compensation = reinterpret_cast<const int32_t*>(b + g.compensation_offset);
+  if (scheme_is_int8(s)) v.compensation = reinterpret_cast<const int32_t*>(b + g.compensation_offset);
   return v;
 }
 

@@ -21,7 +21,7 @@ from ._pool import get_pool
 from ._tensors import FLOAT_CODES, describe, is_torch, torch_module
 
 # Native scheme codes (kt::QuantScheme).
-SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM = 0, 1, 2, 3
+SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM, SCHEME_INT8_GROUP = 0, 1, 2, 3, 4
 
 # Method name -> scheme family. AMX* names are formats, not instruction sets:
 # they run on AVX-512, AVX2 or scalar CPUs as well.
@@ -243,12 +243,17 @@ class KTMoEWrapper:
         load_into(self, physical_to_logical_map)
         self._loaded = True
 
-    def _rebuild_layer(self, group_size: int) -> None:
-        """Recreates the native layer with another INT4 group size (a converted file's, when none was given)."""
+    def _rebuild_layer(self, group_size: int, scheme: Optional[int] = None) -> None:
+        """Recreates the native layer with another INT4 group size (a converted file's, when none was given),
+        or, for the INT8 methods, as per-channel (SCHEME_INT8, 0) or grouped INT8 (SCHEME_INT8_GROUP, group):
+        load_weights adopts the weights' own INT8 form (GGUF Q8_0 is grouped INT8, group 32)."""
+        layer = _kt_kernel.MoeLayer(self._pool, self.num_experts,
+                                    self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size,
+                                    self.scheme if scheme is None else scheme, group_size, *self._activation)
+        self._layer = layer
         self.group_size = group_size
-        self._layer = _kt_kernel.MoeLayer(self._pool, self.num_experts,
-                                          self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size,
-                                          self.scheme, group_size, *self._activation)
+        if scheme is not None:
+            self.scheme = scheme
 
     # ----------------------------------------------------------------- forward
     def _mask_ptr(self) -> int:

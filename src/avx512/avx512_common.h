@@ -161,9 +161,9 @@ static inline __m512 activation512(__m512 g, __m512 u, const Act512& a) {
 // the routing weight) into res[(j * MT + t) * 16 ...].
 struct Streams {
   const uint8_t* w[kMaxStreams];        // the block's packed weights
-  const float* scales[kMaxStreams];     // INT8: [16]; INT4: [groups][16]
+  const float* scales[kMaxStreams];     // INT8: [16]; INT4, INT8 grouped: [groups][16]
   const float* mins[kMaxStreams];       // INT4 asymmetric: [groups][16]
-  const int32_t* comp[kMaxStreams];     // INT8: [16]
+  const int32_t* comp[kMaxStreams];     // INT8: [16]; INT8 grouped: [groups][16]
   size_t steps;                         // k-steps of a block (cols_padded / k per step)
   size_t groups, group_steps;           // INT4: groups per row, steps per group
   size_t sums_per_group;                // INT4: activation sums (per 32 k) per group
@@ -243,7 +243,7 @@ static inline void set_stream(const PackedMatrixView& w, size_t b, size_t j, Str
   const size_t groups = g.groups ? g.groups : 1;
   s->scales[j] = w.scales ? w.scales + b * groups * kRowBlock : nullptr;
   s->mins[j] = w.mins ? w.mins + b * groups * kRowBlock : nullptr;
-  s->comp[j] = w.compensation ? w.compensation + b * kRowBlock : nullptr;
+  s->comp[j] = w.compensation ? w.compensation + b * groups * kRowBlock : nullptr;  // INT8: groups = 1
 }
 
 static inline void set_geometry(const PackedMatrixView& w, Streams* s) {

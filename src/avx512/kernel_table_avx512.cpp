@@ -14,6 +14,11 @@ void fill_kernels_avx512(KernelTable* t, const CpuFeatures& cpu) {
   i8.gate_up = avx512::gate_up_q8w_u8a__avx512;
   i8.down = avx512::down_q8w_u8a__avx512;
 
+  FormatKernels& i8g = t->formats[int(QuantScheme::kInt8Group)];
+  i8g.prepare_acts = avx512::prepare_acts_u8__avx512;
+  i8g.gate_up = avx512::gate_up_q8gw_u8a__avx512;
+  i8g.down = avx512::down_q8gw_u8a__avx512;
+
   FormatKernels& i4 = t->formats[int(QuantScheme::kInt4Sym)];
   i4.prepare_acts = avx512::prepare_acts_s8_sums__avx512;
   i4.gate_up = avx512::gate_up_q4w_s8a__avx512;

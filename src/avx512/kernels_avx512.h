@@ -20,6 +20,11 @@ void gate_up_q8w_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixVie
                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh);
 void down_q8w_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
                           const float* row_weight, float* const* out_rows);
+// INT8 grouped weights (scale and compensation per row and group) x u8 activations.
+void gate_up_q8gw_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh);
+void down_q8gw_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                           const float* row_weight, float* const* out_rows);
 
 // INT4 weights (symmetric / with mins) x s8 activations.
 void gate_up_q4w_s8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,

@@ -104,7 +104,99 @@ TilePlan plan_for(size_t tokens, size_t matrices) {
                   kQ8GemmTokens};
 }
 
+// ---------------------------------------------------------------------------
+// INT8 grouped (kInt8Group): the same bytes and vpdpbusd steps, with the
+// int32 sums closed per group: acc = fma(float(dot_g - comp_g), scale_g, acc),
+// then v = acc * a_scale, as the reference. The fp32 group accumulators live
+// in a stack tile (L1), touched once per group, so the registers hold the
+// int32 accumulators (the INT4 tiles do the same).
+template <int NS, int MT, bool PF>
+struct TileQ8G {
+  static void run(const Streams& s, const Tokens& tk, float* res) {
+    alignas(64) float facc[NS * MT * 16];
+    alignas(64) int32_t iacc[NS * MT * 16];
+#pragma GCC unroll 64
+    for (int i = 0; i < NS * MT; ++i) _mm512_store_ps(facc + i * 16, _mm512_setzero_ps());
+    const uint8_t* w[NS];
+    const uint8_t* a[MT];
+#pragma GCC unroll 64
+    for (int j = 0; j < NS; ++j) w[j] = s.w[j];
+#pragma GCC unroll 64
+    for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+    const size_t gsteps = s.group_steps;
+    size_t i = 0;
+    for (size_t g = 0; g < s.groups; ++g) {
+      __m512i acc[NS][MT];
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+        for (int t = 0; t < MT; ++t) acc[j][t] = _mm512_setzero_si512();
+      for (const size_t end = i + gsteps; i < end; ++i) {
+        const size_t wo = i * kStepBytes, ao = i * 4;
+        const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
+        if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+        __m512i wv[NS];
+#pragma GCC unroll 64
+        for (int j = 0; j < NS; ++j) {
+          wv[j] = _mm512_loadu_si512(w[j] + wo);
+          if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
+        }
+#pragma GCC unroll 64
+        for (int t = 0; t < MT; ++t) {
+          const __m512i b = bcast32(a[t] + ao);
+#pragma GCC unroll 64
+          for (int j = 0; j < NS; ++j) acc[j][t] = _mm512_dpbusd_epi32(acc[j][t], b, wv[j]);
+        }
+      }
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+        for (int t = 0; t < MT; ++t) _mm512_store_si512(iacc + (j * MT + t) * 16, acc[j][t]);
+      memory_barrier(iacc, facc);
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j) {
+        const __m512i comp = _mm512_loadu_si512(s.comp[j] + g * kRowBlock);
+        const __m512 sc = _mm512_loadu_ps(s.scales[j] + g * kRowBlock);
+#pragma GCC unroll 64
+        for (int t = 0; t < MT; ++t) {
+          float* f = facc + (j * MT + t) * 16;
+          const __m512i d = _mm512_sub_epi32(_mm512_load_si512(iacc + (j * MT + t) * 16), comp);
+          _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, _mm512_load_ps(f)));
+        }
+      }
+    }
+#pragma GCC unroll 64
+    for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+      for (int t = 0; t < MT; ++t)
+        _mm512_store_ps(res + (j * MT + t) * 16,
+                        _mm512_mul_ps(_mm512_load_ps(facc + (j * MT + t) * 16), _mm512_set1_ps(tk.scale[t])));
+  }
+};
+
+TileFn select_gemv_g(size_t ns, size_t mt) { return SelectTile<TileQ8G, true, 2, kQ8GemvMaxTokens>::get(ns, mt); }
+TileFn select_gemm_first_g(size_t ns, size_t mt) { return SelectTile<TileQ8G, true, 4, 6>::get(ns, mt); }
+TileFn select_gemm_g(size_t ns, size_t mt) { return SelectTile<TileQ8G, false, 4, 6>::get(ns, mt); }
+
+TilePlan plan_for_group(size_t tokens, size_t matrices) {
+  if (tokens <= kQ8GemvMaxTokens)
+    return TilePlan{select_gemv_g, select_gemv_g, matrices == 1 ? kQ8GemvDownBlocks : kQ8GemvGateUpBlocks, tokens,
+                    kQ8GemvPrefetchBytes};
+  return TilePlan{select_gemm_first_g, select_gemm_g, matrices == 1 ? kQ8GemmDownBlocks : kQ8GemmGateUpBlocks,
+                  kQ8GemmTokens};
+}
+
 }  // namespace
+
+void gate_up_q8gw_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
+  drive_gate_up(plan_for_group(a.rows, 2), gate, up, block_begin, block_end, a, act, h, ldh);
+}
+
+void down_q8gw_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                           const float* row_weight, float* const* out_rows) {
+  drive_down(plan_for_group(a.rows, 1), w, block_begin, block_end, a, row_weight, out_rows);
+}
 
 void gate_up_q8w_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {

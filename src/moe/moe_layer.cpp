@@ -168,14 +168,15 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(po
   if (cfg.top_k == 0) bad("num_experts_per_tok must be positive");
   if (cfg.hidden == 0) bad("hidden_size must be positive");
   if (cfg.intermediate == 0) bad("moe_intermediate_size must be positive");
-  if (scheme_is_int4(cfg.scheme) && cfg.group_size != 0) {
+  if (cfg.scheme == QuantScheme::kInt8Group && cfg.group_size == 0) bad("grouped INT8 needs group_size 32, 64 or 128");
+  if (scheme_has_groups(cfg.scheme) && cfg.group_size != 0) {
     const uint32_t g = cfg.group_size;
     if (g != 32 && g != 64 && g != 128) bad("group_size must be 32, 64 or 128 (or 0 for per channel), got " + std::to_string(g));
     if (cfg.hidden % g) bad("hidden_size (" + std::to_string(cfg.hidden) + ") must be a multiple of group_size " + std::to_string(g));
     if (cfg.intermediate % g)
       bad("moe_intermediate_size (" + std::to_string(cfg.intermediate) + ") must be a multiple of group_size " + std::to_string(g));
-  } else if (!scheme_is_int4(cfg.scheme) && cfg.group_size != 0) {
-    bad("group_size applies to INT4 formats only");
+  } else if (!scheme_has_groups(cfg.scheme) && cfg.group_size != 0) {
+    bad("group_size applies to INT4 and grouped INT8 formats only");
   }
 
   const int n = pool.num_subpools();

@@ -106,6 +106,19 @@ float dot_row(const PackedMatrixView& w, size_t n, const ActsView& a, size_t m) 
       const int32_t comp = w.compensation[b * kRowBlock + r];
       return float(acc - comp) * (a.row_scale[ar] * w.scales[b * kRowBlock + r]);
     }
+    case QuantScheme::kInt8Group: {
+      float acc = 0.0f;
+      for (size_t grp = 0; grp < g.groups; ++grp) {
+        int32_t dot = 0;
+        for (size_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) {
+          const size_t step = k / 4, t = k % 4;
+          dot += int32_t(act[k]) * int32_t(int8_t(blk[step * kStepBytes + 4 * r + t]));
+        }
+        const size_t si = (b * g.groups + grp) * kRowBlock + r;
+        acc = std::fma(float(dot - w.compensation[si]), w.scales[si], acc);
+      }
+      return acc * a.row_scale[ar];
+    }
     case QuantScheme::kInt4Sym:
     case QuantScheme::kInt4Asym: {
       const int8_t* as = reinterpret_cast<const int8_t*>(act);
@@ -163,6 +176,7 @@ void fill_kernels_scalar(KernelTable* t, const CpuFeatures&) {
   t->formats[int(QuantScheme::kInt8PerChannel)].prepare_acts = ref::prepare_acts_int8;
   t->formats[int(QuantScheme::kInt4Sym)].prepare_acts = ref::prepare_acts_int4;
   t->formats[int(QuantScheme::kInt4Asym)].prepare_acts = ref::prepare_acts_int4;
+  t->formats[int(QuantScheme::kInt8Group)].prepare_acts = ref::prepare_acts_int8;
 }
 
 }  // namespace kt

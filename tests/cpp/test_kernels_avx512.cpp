@@ -59,6 +59,8 @@ const Format kFormats[] = {
     {"int4_g64", QuantScheme::kInt4Sym, 64}, {"int4_g128", QuantScheme::kInt4Sym, 128},
     {"int4m_g32", QuantScheme::kInt4Asym, 32}, {"int4m_pc", QuantScheme::kInt4Asym, 0},
     {"int4m_g128", QuantScheme::kInt4Asym, 128},
+    {"int8_g32", QuantScheme::kInt8Group, 32}, {"int8_g64", QuantScheme::kInt8Group, 64},
+    {"int8_g128", QuantScheme::kInt8Group, 128},
 };
 
 void PrintTo(const Format& f, std::ostream* os) { *os << f.name; }
@@ -129,7 +131,8 @@ struct Acts {
 TEST(KernelsAvx512, RegistersEveryFormat) {
   REQUIRE_AVX512(avx);
   EXPECT_STREQ(avx->name, "avx512");
-  for (const QuantScheme s : {QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym})
+  for (const QuantScheme s :
+       {QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym, QuantScheme::kInt8Group})
     EXPECT_EQ(format_provider("avx512", s), "avx512") << int(s);
   EXPECT_EQ(format_provider("avx512", QuantScheme::kBF16) == "avx512", cpu_features().avx512_bf16);
   for (const auto& f : avx->formats) {
@@ -145,7 +148,8 @@ TEST(KernelsAvx512, PrepareActsBitExact) {
   const KernelTable& ref = backend_kernels("scalar");
   std::mt19937 rng(7);
   for (const QuantScheme s :
-       {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
+       {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
+        QuantScheme::kInt8Group}) {
     if (format_provider("avx512", s) != "avx512") continue;
     for (size_t k : {1, 5, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 320, 1000, 2048}) {
       const size_t rows = 9, ldx = k + 3;

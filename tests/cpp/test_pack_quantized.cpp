@@ -43,7 +43,8 @@ struct Case {
   uint32_t group;
 };
 const Case kCases[] = {{QuantScheme::kBF16, 0},     {QuantScheme::kInt8PerChannel, 0}, {QuantScheme::kInt4Sym, 32},
-                       {QuantScheme::kInt4Sym, 0},  {QuantScheme::kInt4Asym, 64},      {QuantScheme::kInt4Asym, 0}};
+                       {QuantScheme::kInt4Sym, 0},  {QuantScheme::kInt4Asym, 64},      {QuantScheme::kInt4Asym, 0},
+                       {QuantScheme::kInt8Group, 32}, {QuantScheme::kInt8Group, 128}};
 
 TEST(PackQuantized, ReproducesPackMatrixForWholeMatricesAndKSlices) {
   for (const Case& c : kCases) {
@@ -61,6 +62,39 @@ TEST(PackQuantized, ReproducesPackMatrixForWholeMatricesAndKSlices) {
         EXPECT_EQ(a, b) << "scheme " << int(c.s) << " group " << c.group << " rows " << rows << " col0 " << col0;
       }
     }
+  }
+}
+
+// GGUF Q8_0 into grouped INT8 (group 32): the codes and the fp16 scales
+// (widened to fp32) are stored as given, so unpacking returns d * q exactly,
+// also for a K slice; compensation = 128 * sum of each group's codes.
+TEST(PackQuantized, Int8GroupIsLosslessForQ8_0) {
+  const size_t rows = 19, cols = 256;
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> code(-128, 127);
+  std::uniform_int_distribution<int> mant(0, 1023), ex(-14, 0);
+  std::vector<int8_t> q(rows * cols);
+  for (auto& v : q) v = int8_t(code(rng));  // including -128, which Q8_0 may hold
+  std::vector<float> d(rows * cols / 32);
+  for (auto& v : d) v = std::ldexp(1.0f + float(mant(rng)) / 1024.0f, ex(rng) - 8);  // fp16-representable
+  for (size_t col0 : {size_t(0), size_t(128)}) {
+    PackedGeometry g;
+    ASSERT_TRUE(packed_geometry(QuantScheme::kInt8Group, uint32_t(rows), uint32_t(cols - col0), 32, &g));
+    std::vector<uint8_t> p(g.total_bytes, 0xAB);
+    pack_quantized_blocks(QuantScheme::kInt8Group, g, q.data(), cols, d.data(), nullptr, cols / 32, p.data(), 0,
+                          g.rows_padded / kRowBlock, col0);
+    std::vector<double> out(rows * g.cols);
+    unpack_matrix(QuantScheme::kInt8Group, g, p.data(), out.data());
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t k = 0; k < g.cols; ++k)
+        ASSERT_EQ(out[r * g.cols + k], double(d[r * (cols / 32) + (col0 + k) / 32]) * q[r * cols + col0 + k]);
+    const PackedMatrixView v = make_packed_view(QuantScheme::kInt8Group, g, p.data());
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t grp = 0; grp < g.groups; ++grp) {
+        int32_t sum = 0;
+        for (size_t k = 0; k < 32; ++k) sum += q[r * cols + col0 + grp * 32 + k];
+        ASSERT_EQ(v.compensation[((r / 16) * g.groups + grp) * 16 + r % 16], 128 * sum);
+      }
   }
 }
 

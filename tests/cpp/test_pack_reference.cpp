@@ -48,15 +48,28 @@ TEST(PackedGeometry, SectionsAreAlignedAndSized) {
   EXPECT_FALSE(packed_geometry(QuantScheme::kInt4Sym, 16, 64, 48, &g));  // not a multiple of 32
   EXPECT_FALSE(packed_geometry(QuantScheme::kBF16, 16, 64, 32, &g));     // BF16 has no groups
   EXPECT_FALSE(packed_geometry(QuantScheme::kInt8PerChannel, 0, 64, 0, &g));
+  // Grouped INT8: scales and compensation per row and group.
+  ASSERT_TRUE(packed_geometry(QuantScheme::kInt8Group, 33, 96, 32, &g));
+  EXPECT_EQ(g.cols_padded, 128u);
+  EXPECT_EQ(g.groups, 4u);
+  EXPECT_EQ(g.per_channel, 0u);
+  EXPECT_EQ(g.block_weight_bytes, 128u / 4 * 64);
+  EXPECT_EQ(g.compensation_offset - g.scales_offset, 3u * 4 * 16 * 4);
+  EXPECT_EQ(g.total_bytes - g.compensation_offset, 3u * 4 * 16 * 4);
+  EXPECT_FALSE(packed_geometry(QuantScheme::kInt8Group, 16, 64, 0, &g));    // needs a group
+  EXPECT_FALSE(packed_geometry(QuantScheme::kInt8Group, 16, 256, 256, &g)); // only 32 / 64 / 128
+  EXPECT_FALSE(packed_geometry(QuantScheme::kInt8Group, 16, 96, 64, &g));   // 64 does not divide 96
 }
 
 TEST(Pack, IsDeterministicAndWritesEveryByte) {
-  const auto w = random_matrix(17, 100, 1);
-  for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
-    Packed a = pack(s, 17, 100, 0, w);
+  const auto w = random_matrix(17, 160, 1);
+  for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
+                        QuantScheme::kInt8Group}) {
+    const size_t C = s == QuantScheme::kInt8Group ? 160 : 100;
+    Packed a = pack(s, 17, C, s == QuantScheme::kInt8Group ? 32 : 0, w);
     PackedGeometry g = a.geo;
     std::vector<uint8_t> b(g.total_bytes, 0x11);
-    pack_matrix(s, g, w.data(), DType::kF32, 100, b.data());
+    pack_matrix(s, g, w.data(), DType::kF32, C, b.data());
     // Section padding between arrays is never read; compare the arrays themselves.
     const size_t weights = (g.rows_padded / kRowBlock) * g.block_weight_bytes;
     EXPECT_EQ(0, std::memcmp(a.bytes.data(), b.data(), weights)) << int(s);
@@ -86,8 +99,9 @@ TEST(ReferenceKernels, DownMatchesFloat64OnUnpackedValues) {
   const size_t N = 33, K = 192, M = 5;
   const auto w = random_matrix(N, K, 3);
   const auto x = random_matrix(M, K, 4);
-  for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
-    const uint32_t group = scheme_is_int4(s) ? 64 : 0;
+  for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
+                        QuantScheme::kInt8Group}) {
+    const uint32_t group = scheme_has_groups(s) ? 64 : 0;
     Packed p = pack(s, N, K, group, w);
     std::vector<double> wd(N * K);
     unpack_matrix(s, p.geo, p.bytes.data(), wd.data());
@@ -110,7 +124,7 @@ TEST(ReferenceKernels, DownMatchesFloat64OnUnpackedValues) {
         if (s == QuantScheme::kBF16) {
           xd[k] = bf16_to_f32(reinterpret_cast<const uint16_t*>(data.data() + m * rb)[k]);
         } else {
-          const int q = s == QuantScheme::kInt8PerChannel ? int(data[m * rb + k]) - 128 : int(int8_t(data[m * rb + k]));
+          const int q = scheme_is_int8(s) ? int(data[m * rb + k]) - 128 : int(int8_t(data[m * rb + k]));
           xd[k] = double(q) * scale[m];
         }
       }

@@ -36,6 +36,10 @@ FORMATS = [
     pytest.param("AMXINT4", {"group_size": 128}, id="int4-g128"),
     pytest.param("AMXINT4", {"group_size": 0}, id="int4-perchannel"),
     pytest.param("AMXINT4", {"group_size": 64, "zero_point": True}, id="int4-asym-g64"),
+    # Grouped INT8 (kInt8Group, what GGUF Q8_0 loads as): an AMXINT8 wrapper whose
+    # layer is rebuilt as grouped INT8, as load_weights does for a Q8_0 source.
+    pytest.param("AMXINT8", {"_int8_group": 32}, id="int8-g32"),
+    pytest.param("AMXINT8", {"_int8_group": 128}, id="int8-g128"),
 ]
 
 # (E, k, H, I, T): a regular shape and hostile ones (odd expert counts, 17
@@ -50,7 +54,14 @@ ODD_SHAPE = (5, 2, 100, 40, 9)  # per-channel formats accept any width
 def _run_checks(backend, method, kw, E, k, H, I, T, limit=0.0, alpha=0.0):
     g, u, d = make_weights(E, H, I, seed=E * 1000 + H)
     x, ids, w = make_inputs(T, H, E, k, invalid_ids=True)
+    kw = dict(kw)
+    int8_group = kw.pop("_int8_group", None)
     wr = make_wrapper(E, k, H, I, method, swiglu_limit=limit, swiglu_alpha=alpha, **kw)
+    if int8_group:
+        from kt_kernel.wrapper import SCHEME_INT8_GROUP
+
+        wr._rebuild_layer(int8_group, SCHEME_INT8_GROUP)
+        assert wr.scheme == SCHEME_INT8_GROUP
     wr.load_weights_from_tensors(g, u, d)
     wr._layer.set_capture(True)
     # Poison the (persistent) output buffer: the call must write every element.
@@ -100,7 +111,7 @@ def test_accuracy_swiglu_limit(backend, method, kw):
 HOSTILE_T = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33]
 
 
-@pytest.mark.parametrize("method,kw", [FORMATS[0], FORMATS[1], FORMATS[2], FORMATS[5]])
+@pytest.mark.parametrize("method,kw", [FORMATS[0], FORMATS[1], FORMATS[2], FORMATS[5], FORMATS[6]])
 def test_hostile_token_counts(backend, method, kw):
     """Token counts around register-tile and block edges, an odd expert count, and
     every expert from 0 to many tokens (top-k over 5 experts)."""

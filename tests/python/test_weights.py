@@ -54,10 +54,10 @@ def unpack_all(w, E):
 
 
 # ----------------------------------------------------------------- native parts
-@pytest.mark.parametrize("scheme,group", [(0, 0), (1, 0), (2, 32), (2, 64), (2, 0), (3, 32), (3, 0)])
+@pytest.mark.parametrize("scheme,group", [(0, 0), (1, 0), (2, 32), (2, 64), (2, 0), (3, 32), (3, 0), (4, 32), (4, 128)])
 def test_canonical_quantisation_packs_like_pack_matrix(scheme, group):
     rng = np.random.default_rng(scheme * 10 + group)
-    for N, K in ((17, 96 if group != 64 else 128), (33, 256)):
+    for N, K in ((17, 96 if group not in (64, 128) else 128), (33, 256)):
         w = rng.standard_normal((N, K)).astype(np.float32)
         q, s, mn = _kt_kernel.quantize_matrix(scheme, group, w, False)
         assert np.array_equal(_kt_kernel.pack_matrix(scheme, group, w), _kt_kernel.pack_quantized(scheme, group, N, K, q, s, mn))
@@ -184,7 +184,7 @@ def test_compressed_tensors_int4_is_lossless(tmp_path, fresh_pool):
 
 
 GGUF_CASES = [("Q4_0", "AMXINT4", {}, True), ("Q4_1", "AMXINT4", {"zero_point": True}, True),
-              ("Q8_0", "AMXINT8", {}, False), ("Q4_K", "AMXINT4", {}, False), ("Q5_K", "AMXINT8", {}, False),
+              ("Q8_0", "AMXINT8", {}, True), ("Q4_K", "AMXINT4", {}, False), ("Q5_K", "AMXINT8", {}, False),
               ("Q6_K", "AMXINT8", {}, False), ("BF16", "BF16", {}, True)]
 
 
@@ -203,6 +203,39 @@ def test_gguf_convert_and_load(tmp_path, fresh_pool, qtype, method, kw, lossless
         assert np.array_equal(unpack_all(w, E)[2], D[0])
     check_forward(out, method, G, U, D, E, H, I, LOSSLESS_INT4_BUDGET if lossless and method != "BF16"
                   else BUDGET[method], **kw)
+
+
+def test_gguf_q8_0_loads_losslessly_as_grouped_int8(tmp_path, fresh_pool):
+    """Q8_0 (fp16 d + 32 int8 per block) is grouped INT8 with group 32: an AMXINT8 wrapper reading the GGUF
+    file directly, or its conversion, holds exactly the dequantised source, and the converter reports no error."""
+    from kt_kernel import _pool
+    from kt_kernel.wrapper import SCHEME_INT8, SCHEME_INT8_GROUP
+
+    E, H, I = 4, 128, 256
+    path, G, U, D = ww.write_gguf(str(tmp_path / "m.gguf"), "Q8_0", E=E, H=H, I=I)
+    w, *_ = run_layer(path, "AMXINT8", 1, E, H, I)  # native, no conversion
+    assert (w.scheme, w.group_size) == (SCHEME_INT8_GROUP, 32)
+    g, u, d = unpack_all(w, E)
+    assert np.array_equal(g, G[1]) and np.array_equal(u, U[1]) and np.array_equal(d, D[1])
+    check_forward(path, "AMXINT8", G, U, D, E, H, I, LOSSLESS_INT4_BUDGET, layers=(1,))
+    out = tmp_path / "out"
+    s = conv.convert(path, str(out), "AMXINT8", threads=2, progress=None)
+    assert s["scheme"] == "int8_group" and s["group_size"] == 32
+    meta = SafetensorsFile(str(out / "layer_000.safetensors")).metadata
+    assert meta["lossless"] == "1" and meta["scheme"] == "int8_group" and meta["group_size"] == "32"
+    assert max(json.loads(meta["error"]).values()) == 0
+    for pools in (1, 2):  # 2 NUMA slices: down's K is sliced on group boundaries
+        _pool.reset_pool_for_tests()
+        w, *_ = run_layer(out, "AMXINT8", 0, E, H, I, pools=pools)
+        assert (w.scheme, w.group_size) == (SCHEME_INT8_GROUP, 32)
+        if pools == 2:
+            assert w._layer.slice_range(1) == (128, 256)
+        g, u, d = unpack_all(w, E)
+        assert np.array_equal(g, G[0]) and np.array_equal(u, U[0]) and np.array_equal(d, D[0])
+    # The same wrapper goes back to per-channel INT8 for a source that is not Q8_0.
+    w.weight_path, *_ = ww.write_gguf(str(tmp_path / "bf16.gguf"), "BF16", E=E, H=H, I=I)
+    w.load_weights()
+    assert (w.scheme, w.group_size) == (SCHEME_INT8, 0)
 
 
 def test_gguf_q4_0_native_rawint4(tmp_path, fresh_pool):

@@ -10,8 +10,9 @@ from typing import Optional
 import numpy as np
 
 # Native scheme codes (kt::QuantScheme) and their names in file metadata.
-BF16, INT8, INT4_SYM, INT4_ASYM = 0, 1, 2, 3
-SCHEME_NAMES = {BF16: "bf16", INT8: "int8_per_channel", INT4_SYM: "int4_sym", INT4_ASYM: "int4_asym"}
+BF16, INT8, INT4_SYM, INT4_ASYM, INT8_GROUP = 0, 1, 2, 3, 4
+SCHEME_NAMES = {BF16: "bf16", INT8: "int8_per_channel", INT4_SYM: "int4_sym", INT4_ASYM: "int4_asym",
+                INT8_GROUP: "int8_group"}
 SCHEME_BY_NAME = {v: k for k, v in SCHEME_NAMES.items()}
 
 # Our canonical-file format (kt_kernel/weights/convert.py); bump on change.
@@ -106,6 +107,8 @@ def dequant_canonical(scheme: int, group: int, q, scales, mins, cols: int) -> np
         return bf16_bits_to_f32(q).astype(np.float64)
     if scheme == INT8:
         return np.asarray(q, dtype=np.float64) * np.asarray(scales, dtype=np.float64)[:, :1]
+    if scheme == INT8_GROUP:
+        return np.asarray(q, dtype=np.float64) * np.repeat(np.asarray(scales, dtype=np.float64), group, axis=1)
     codes = int4_codes(np.asarray(q), cols).astype(np.float64)
     gs = group if group else cols
     s = np.repeat(np.asarray(scales, dtype=np.float64), gs, axis=1)

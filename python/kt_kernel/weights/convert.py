@@ -5,7 +5,7 @@ Output: a directory with one safetensors file per MoE layer,
 canonical quantised form of include/kt_kernel/pack.h (not the packed byte
 layout, and no NUMA count: loading packs them per NUMA slice, a lossless
 shuffle, so the same files load on 1, 2 or 8 nodes):
-  blk.{L}.ffn_{gate,up,down}_exps.{e}.weight  INT8 int8 [N, K]; INT4 uint8 [N, K/2]
+  blk.{L}.ffn_{gate,up,down}_exps.{e}.weight  INT8 (per channel or grouped) int8 [N, K]; INT4 uint8 [N, K/2]
                                                (low nibble = even k); BF16 uint16 bits [N, K]
   blk.{L}.ffn_{gate,up,down}_exps.{e}.scale   float32 [N, groups] (not for BF16)
   blk.{L}.ffn_{gate,up,down}_exps.{e}.min     float32 [N, groups] (INT4 asymmetric)
@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, INT4_ASYM, INT4_SYM, INT8, SCHEME_NAMES,
-                     WHICH, Matrix, dequant_canonical)
+from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, INT4_ASYM, INT4_SYM, INT8, INT8_GROUP,
+                     SCHEME_NAMES, WHICH, Matrix, dequant_canonical)
 from .safetensors_io import SafetensorsFile, StreamingWriter
 
 MANIFEST = "kt_kernel_model.json"
@@ -113,14 +113,14 @@ def _specs(L: int, E: int, H: int, I: int, scheme: int, group: int):
     for e in range(E):
         for which in WHICH:
             N, K = (H, I) if which == "down" else (I, H)
-            groups = (K // group if group else 1) if scheme in (INT4_SYM, INT4_ASYM) else 1
+            groups = (K // group if group else 1) if scheme in (INT4_SYM, INT4_ASYM, INT8_GROUP) else 1
             if scheme != BF16:
                 scales.append((tensor_name(L, which, e, "scale"), "F32", (N, groups)))
             if scheme == INT4_ASYM:
                 scales.append((tensor_name(L, which, e, "min"), "F32", (N, groups)))
             if scheme == BF16:
                 codes.append((tensor_name(L, which, e, "weight"), "U16", (N, K)))
-            elif scheme == INT8:
+            elif scheme in (INT8, INT8_GROUP):
                 codes.append((tensor_name(L, which, e, "weight"), "I8", (N, K)))
             else:
                 codes.append((tensor_name(L, which, e, "weight"), "U8", (N, K // 2)))
@@ -181,6 +181,8 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
     probe = src.matrix(todo[0], 0, "gate")
     natural = probe.group if probe.kind == "quant" else None
     scheme, group = target_for(method, group_size, zero_point, H, I, natural)
+    if scheme == INT8 and probe.kind == "quant" and probe.scheme == INT8_GROUP:
+        scheme, group = INT8_GROUP, probe.group  # GGUF Q8_0: kept losslessly as grouped INT8
     os.makedirs(output_dir, exist_ok=True)
     threads = threads or min(8, os.cpu_count() or 1)
     source_desc = f"{os.path.basename(os.path.normpath(input_path))} ({src.describe()})"

@@ -7,11 +7,13 @@ Expert tensors are blk.{L}.ffn_{gate,up,down}_exps.weight, numpy shape
           in the low nibble of byte j and code j + 16 in its high nibble,
           value d * (q - 8): exactly our scale d with bias -8d.
   Q4_1 -> INT4 asymmetric group 32, lossless: value d * q + m (scale d, min m).
+  Q8_0 -> INT8 grouped (kInt8Group) group 32, lossless: block = fp16 d + 32
+          int8 codes, value d * q: our scale d (widened to fp32) and code q.
+          An INT8 wrapper (AMXINT8 / MOE_INT8) reading it adopts this scheme.
   BF16 / F16 / F32 -> dense.
-  anything else (Q8_0, Q4_K, Q5_K, Q6_K, ...) -> dequantised by the gguf
+  anything else (Q4_K, Q5_K, Q6_K, ...) -> dequantised by the gguf
           package to float32 and requantised by the converter, with the error
-          reported. (Q8_0 is group-32 INT8; our INT8 is per channel only, so it
-          cannot be repacked losslessly today.)
+          reported.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .common import INT4_ASYM, INT4_SYM, Matrix
+from .common import INT4_ASYM, INT4_SYM, INT8_GROUP, Matrix
 
 _NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 
@@ -47,6 +49,15 @@ def _q4_blocks(raw: np.ndarray, rows: int, cols: int, with_min: bool):
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(rows, cols)  # ggml order: j, then j + 16
     q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     return q, d, m
+
+
+def _q8_blocks(raw: np.ndarray, rows: int, cols: int):
+    """Q8_0 bytes [rows, cols/32 * 34] -> (int8 codes [rows, cols], float32 d [rows, cols/32])."""
+    nb = cols // 32
+    b = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, nb, 34)
+    d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    q = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    return q, np.ascontiguousarray(d)
 
 
 # GGUF value types -> fixed size in bytes (8 string, 9 array are variable).
@@ -221,6 +232,9 @@ class GGUFSource:
             q, d, m = _q4_blocks(data, rows, cols, qt == self.Q.Q4_1)
             return Matrix("quant", rows, cols, scheme=INT4_ASYM if m is not None else INT4_SYM, group=32, q=q,
                           scales=d, mins=m)
+        if qt == self.Q.Q8_0:
+            q, d = _q8_blocks(data, rows, cols)
+            return Matrix("quant", rows, cols, scheme=INT8_GROUP, group=32, q=q, scales=d)
         if qt == self.Q.BF16:
             return Matrix("dense", rows, cols, values=np.ascontiguousarray(data).view(np.uint16).reshape(rows, cols),
                           bf16=True)

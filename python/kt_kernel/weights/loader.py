@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .common import BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, INT4_ASYM, INT4_SYM, SCHEME_NAMES, WHICH
+from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, INT4_ASYM, INT4_SYM, INT8, INT8_GROUP,
+                     SCHEME_BY_NAME, SCHEME_NAMES, WHICH)
 from .convert import MANIFEST, layer_file, open_source, tensor_name
 from .safetensors_io import SafetensorsFile
 
@@ -69,7 +70,8 @@ class ConvertedLayer:
             raise ValueError(f"{p}: holds layer {m.get('layer')}, expected {self.layer}")
         scheme = m.get("scheme")
         want = SCHEME_NAMES.get(wrapper.scheme)
-        if scheme != want:
+        int8_family = (SCHEME_NAMES[INT8], SCHEME_NAMES[INT8_GROUP])
+        if scheme != want and not (scheme in int8_family and want in int8_family):
             hint = " (construct the wrapper with zero_point=True)" if scheme == "int4_asym" else ""
             raise ValueError(f"{p}: holds {scheme} weights (converted with --method {m.get('method')}), but the "
                              f"wrapper's method {wrapper.method} reads {want}{hint}")
@@ -88,7 +90,7 @@ class ConvertedLayer:
         for which in WHICH:
             N, K = (H, I) if which == "down" else (I, H)
             groups = (K // group if group else 1)
-            want = {"weight": ({BF16: "U16", 1: "I8"}.get(scheme, "U8"),
+            want = {"weight": ({BF16: "U16", INT8: "I8", INT8_GROUP: "I8"}.get(scheme, "U8"),
                                (N, K // 2) if scheme in (INT4_SYM, INT4_ASYM) else (N, K))}
             if scheme != BF16:
                 want["scale"] = ("F32", (N, groups))
@@ -140,7 +142,10 @@ def load_into(wrapper, physical_to_logical_map: Any = None) -> None:
     if is_converted_dir(path):
         layer = ConvertedLayer(path, L)
         group, num_logical = layer.check_against(wrapper, getattr(wrapper, "_group_size_default", False))
-        if wrapper.scheme in (INT4_SYM, INT4_ASYM) and group != wrapper.group_size:
+        file_scheme = SCHEME_BY_NAME[layer.meta["scheme"]]
+        if wrapper.scheme in (INT8, INT8_GROUP) and (file_scheme, group) != (wrapper.scheme, wrapper.group_size):
+            wrapper._rebuild_layer(group, file_scheme)  # INT8 wrappers adopt the file's per-channel / grouped INT8
+        elif wrapper.scheme in (INT4_SYM, INT4_ASYM) and group != wrapper.group_size:
             wrapper._rebuild_layer(group)
         logical, mask = _slot_plan(wrapper, physical_to_logical_map, num_logical)
         wrapper._layer.allocate()
@@ -166,6 +171,12 @@ def load_into(wrapper, physical_to_logical_map: Any = None) -> None:
         if not (probe.kind == "quant" and probe.scheme == INT4_SYM and probe.group == 32):
             raise ValueError(f"{path}: RAWINT4 needs INT4 symmetric group-32 weights (compressed-tensors "
                              f"pack-quantized or GGUF Q4_0); this source is {src.describe()}")
+    if wrapper.scheme in (INT8, INT8_GROUP):
+        # INT8 wrappers adopt a grouped INT8 source (GGUF Q8_0) losslessly; anything else packs per channel.
+        probe = src.matrix(L, 0, "gate")
+        want = (INT8_GROUP, probe.group) if probe.kind == "quant" and probe.scheme == INT8_GROUP else (INT8, 0)
+        if want != (wrapper.scheme, wrapper.group_size):
+            wrapper._rebuild_layer(want[1], want[0])
     logical, mask = _slot_plan(wrapper, physical_to_logical_map, src.num_experts)
     wrapper._layer.allocate()
     for s in range(wrapper.num_experts):
