@@ -84,6 +84,57 @@ void pack_block_int8_group(const PackedGeometry& g, const float* rows, size_t ro
   }
 }
 
+// The e4m3 code nearest to x (round to nearest even), saturating at +-448
+// (code 0x7e); NaN codes are never produced. Exact arithmetic in double.
+uint8_t fp8_e4m3_from_double(double x) {
+  const uint8_t sign = std::signbit(x) ? 0x80 : 0;
+  const double a = std::fabs(x);
+  if (!(a < 448.0)) return uint8_t(sign | 0x7e);  // also NaN -> max (never fed NaN)
+  int code;
+  if (a < 0.015625) {  // below 2^-6: subnormal step 2^-9 (m = 8 rounds up to the smallest normal, code 8)
+    code = int(std::nearbyint(a * 512.0));
+  } else {
+    int E;
+    const double f = std::frexp(a, &E);  // a = f * 2^E, f in [0.5, 1): unbiased exponent E - 1 in [-6, 8]
+    const int m = int(std::nearbyint((f * 2.0 - 1.0) * 8.0));  // 0..8; 8 carries into the exponent
+    code = ((E - 1 + 7) << 3) + m;
+  }
+  if (code > 0x7e) code = 0x7e;
+  return uint8_t(sign | code);
+}
+
+// The FP8 group rule: scale = amax / 448 (0 for an all-zero group); writes
+// the codes to q when given.
+float fp8_group_codes(const float* w, size_t n, uint8_t* q) {
+  float amax = 0.0f;
+  for (size_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(w[i]));
+  const float scale = amax / 448.0f;
+  if (q)
+    for (size_t i = 0; i < n; ++i) q[i] = scale != 0.0f ? fp8_e4m3_from_double(double(w[i]) / double(scale)) : 0;
+  return scale;
+}
+
+// FP8 block: per row and group of the packed columns, scale = amax / 448 and
+// code = e4m3(RNE(w / scale)) (w / scale in double); padding groups scale 0.
+void pack_block_fp8(const PackedGeometry& g, const float* rows, size_t row_len, size_t col0, size_t valid_rows,
+                    uint8_t* blk, float* scales) {
+  std::memset(blk, 0, g.block_weight_bytes);
+  for (size_t r = 0; r < kRowBlock; ++r) {
+    for (size_t grp = 0; grp < g.groups; ++grp) {
+      const size_t k0 = grp * g.group_size;
+      const size_t k1 = std::min<size_t>(k0 + g.group_size, g.cols);
+      float scale = 0.0f;
+      if (r < valid_rows && k0 < k1) {
+        const float* w = rows + r * row_len + col0;
+        scale = fp8_group_codes(w + k0, k1 - k0, nullptr);
+        for (size_t k = k0; k < k1; ++k)
+          blk[int8_offset(r, k)] = scale != 0.0f ? fp8_e4m3_from_double(double(w[k]) / double(scale)) : 0;
+      }
+      scales[grp * kRowBlock + r] = scale;
+    }
+  }
+}
+
 // The amax rules on the statistics range w[s0, s1): Q4_0 (symmetric,
 // d = m / -8 with m the element of largest magnitude) and Q4_1 (asymmetric,
 // d = (max - min) / 15, lo = min).
@@ -249,6 +300,10 @@ void pack_matrix_blocks(QuantScheme s, const PackedGeometry& g, const void* src,
                               reinterpret_cast<int32_t*>(base + g.compensation_offset) + b * per_block);
         break;
       }
+      case QuantScheme::kFP8Block:
+        pack_block_fp8(g, rows.data(), row_len, col0, valid, blk,
+                       reinterpret_cast<float*>(base + g.scales_offset) + b * size_t(g.groups) * kRowBlock);
+        break;
       case QuantScheme::kInt4Sym:
       case QuantScheme::kInt4Asym: {
         const size_t per_block = size_t(g.groups) * kRowBlock;
@@ -321,6 +376,21 @@ void pack_quantized_blocks(QuantScheme s, const PackedGeometry& g, const void* q
         }
         break;
       }
+      case QuantScheme::kFP8Block: {
+        const uint8_t* src = static_cast<const uint8_t*>(q);
+        float* sc = reinterpret_cast<float*>(base + g.scales_offset) + b * size_t(g.groups) * kRowBlock;
+        const size_t g0 = col0 / g.group_size;
+        const size_t real_groups = (g.cols + g.group_size - 1) / g.group_size;
+        for (size_t r = 0; r < kRowBlock; ++r) {
+          for (size_t k = 0; k < g.cols_padded; ++k)
+            blk[int8_offset(r, k)] = (r < valid && k < g.cols) ? src[(r0 + r) * ld_q + col0 + k] : uint8_t(0);
+          for (size_t grp = 0; grp < g.groups; ++grp) {
+            const bool real = r < valid && grp < real_groups;
+            sc[grp * kRowBlock + r] = real ? scales[(r0 + r) * scales_ld + g0 + grp] : 0.0f;
+          }
+        }
+        break;
+      }
       case QuantScheme::kInt4Sym:
       case QuantScheme::kInt4Asym: {
         const bool sym = s == QuantScheme::kInt4Sym;
@@ -383,6 +453,18 @@ void quantize_matrix(QuantScheme s, uint32_t group_size, const float* w, size_t 
               ref::quantize_row_i8(w + r * ld + grp * group_size, group_size, out + r * cols + grp * group_size);
       return;
     }
+    case QuantScheme::kFP8Block: {
+      if ((group_size != 32 && group_size != 64 && group_size != 128) || cols % group_size)
+        throw std::invalid_argument("quantize_matrix: FP8 group size " + std::to_string(group_size) +
+                                    " must be 32, 64 or 128 dividing cols " + std::to_string(cols));
+      uint8_t* out = static_cast<uint8_t*>(q);
+      const size_t ngroups = cols / group_size;
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t grp = 0; grp < ngroups; ++grp)
+          scales[r * ngroups + grp] =
+              fp8_group_codes(w + r * ld + grp * group_size, group_size, out + r * cols + grp * group_size);
+      return;
+    }
     case QuantScheme::kInt4Sym:
     case QuantScheme::kInt4Asym: {
       if (cols % 2) throw std::invalid_argument("quantize_matrix: INT4 needs an even number of columns");
@@ -434,6 +516,10 @@ void unpack_matrix(QuantScheme s, const PackedGeometry& g, const void* packed, d
         case QuantScheme::kInt8Group:
           val = double(v.scales[(b * g.groups + k / g.group_size) * kRowBlock + r]) *
                 double(int8_t(blk[int8_offset(r, k)]));
+          break;
+        case QuantScheme::kFP8Block:
+          val = double(v.scales[(b * g.groups + k / g.group_size) * kRowBlock + r]) *
+                double(fp8_e4m3_to_float(blk[int8_offset(r, k)]));
           break;
         case QuantScheme::kInt4Sym:
         case QuantScheme::kInt4Asym: {

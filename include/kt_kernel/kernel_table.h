@@ -12,7 +12,7 @@
 namespace kt {
 
 // Activation rows in the encoding a format's kernels read:
-//   BF16:  data = bf16 [rows][k_padded]                       (row_scale, group_sums unused)
+//   BF16, FP8: data = bf16 [rows][k_padded]                   (row_scale, group_sums unused)
 //   INT8:  data = u8 = q + 128 [rows][k_padded], q = round(x / row_scale) in [-127, 127]
 //   INT4:  data = s8 = q [rows][k_padded];  group_sums[r][j] = sum of q over k in [32j, 32j+32)
 // Padding columns hold the encoding of 0. A view may start at a column
@@ -37,7 +37,7 @@ struct ActsBuffer {
 };
 
 static inline size_t acts_row_bytes(QuantScheme s, size_t k) {
-  return round_up(k, kColPad) * (s == QuantScheme::kBF16 ? 2 : 1);
+  return round_up(k, kColPad) * (scheme_bf16_acts(s) ? 2 : 1);
 }
 static inline size_t acts_group_sums_per_row(QuantScheme s, size_t k) {
   return scheme_is_int4(s) ? round_up(k, kColPad) / kActSumGroup : 0;

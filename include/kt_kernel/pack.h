@@ -19,6 +19,8 @@ namespace kt {
 // written too, so dst needs no clearing.
 //   INT8:  per row: scale = amax / 127, q = rint(w * 127 / amax).
 //   INT8 grouped: the same rule per row and group of K.
+//   FP8 block: per row and group of K, scale = amax / 448, code = the e4m3
+//          value nearest w / scale (round to nearest even, w / scale in double).
 //   INT4 symmetric (llama.cpp Q4_0 rule): per group, d = m / -8 where m is the
 //          element of largest magnitude; q = clamp(rint(w / d) + 8, 0, 15).
 //   INT4 asymmetric (Q4_1 rule): d = (max - min) / 15, q = clamp(rint((w - min) / d), 0, 15).
@@ -38,8 +40,8 @@ static inline void pack_matrix(QuantScheme s, const PackedGeometry& g, const voi
 // files (what pack_matrix would store, before the shuffle into row blocks):
 //   codes  INT8: int8 [rows][ld_q];  INT4: uint8 [rows][ld_q] with two codes
 //          per byte, low nibble = even k (ld_q in bytes, >= cols / 2);
-//          BF16: uint16 bf16 bits [rows][ld_q].
-//   scales float [rows][scales_ld]: INT8 one per row; INT4 and INT8 grouped one per row and
+//          BF16: uint16 bf16 bits [rows][ld_q]; FP8: uint8 e4m3 codes [rows][ld_q].
+//   scales float [rows][scales_ld]: INT8 one per row; INT4, INT8 grouped and FP8 one per row and
 //          group of K (one per row when per channel). mins likewise, INT4
 //          asymmetric only (else nullptr).
 // Number of scale columns of a matrix with `cols` columns: INT4 / INT8 grouped

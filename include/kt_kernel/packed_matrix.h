@@ -25,6 +25,20 @@
 //           dot_g = sum over the group of u8act * s8w (int32)
 //           acc   = fmaf(float(dot_g - comp[r][g]), scale[r][g], acc)  (group order)
 //         and v = acc * a_scale. Group sizes 32, 64 or 128.
+//   FP8 block (scheme 5, kFP8Block, e.g. DeepSeek/Kimi FP8 checkpoints loaded
+//         losslessly): e4m3 codes (1 byte) in the INT8 byte order above (4 k per
+//         step: byte 4*r + t = code[row r][k0 + t]); scales [blocks][groups][16]
+//         fp32 as INT4 (a 128x128 weight_scale_inv expanded per row:
+//         scale[r][g] = weight_scale_inv[r / 128][g]); no compensation.
+//         value = scale[r][g] * e4m3(code); e4m3 = sign, 4-bit exponent (bias
+//         7), 3-bit mantissa, subnormals, no infinities; codes 0x7f / 0xff are
+//         NaN (never produced by the packers; kernels may read them as +-480).
+//         Activations are BF16 (the BF16 encoding and prepare_acts). Scalar
+//         twin, per group g in order: acc_g = sum over the group (in double) of
+//         e4m3(code) * bf16(act), then out = float(sum_g double(scale[r][g]) * acc_g)
+//         (double, group order). Optimised kernels match it to fp32
+//         accumulation error (floating format: a tolerance, not bit-exact).
+//         Group sizes 32, 64 or 128 (checkpoints: 128); K a multiple of it.
 //   INT4: value = scale[r][g] * q4 + bias[r][g],  q4 in 0..15
 //         symmetric: bias = -8 * scale (not stored); asymmetric: bias = min.
 //   BF16: no scales.
@@ -68,8 +82,9 @@ enum class QuantScheme : uint32_t {
   kInt4Sym = 2,         // symmetric, one scale per row and group of K
   kInt4Asym = 3,        // scale and min per row and group of K
   kInt8Group = 4,       // symmetric INT8, one scale per row and group of K (32/64/128)
+  kFP8Block = 5,        // e4m3 codes, one fp32 scale per row and group of K (128), BF16 activations
 };
-constexpr int kNumSchemes = 5;
+constexpr int kNumSchemes = 6;
 
 static inline bool scheme_is_int4(QuantScheme s) {
   return s == QuantScheme::kInt4Sym || s == QuantScheme::kInt4Asym;
@@ -81,10 +96,31 @@ static inline bool scheme_is_int8(QuantScheme s) {
 }
 
 // Schemes whose scales are per row and group of K.
-static inline bool scheme_has_groups(QuantScheme s) { return scheme_is_int4(s) || s == QuantScheme::kInt8Group; }
+static inline bool scheme_has_groups(QuantScheme s) {
+  return scheme_is_int4(s) || s == QuantScheme::kInt8Group || s == QuantScheme::kFP8Block;
+}
+
+// Schemes whose activations are BF16 (2 bytes per k).
+static inline bool scheme_bf16_acts(QuantScheme s) { return s == QuantScheme::kBF16 || s == QuantScheme::kFP8Block; }
 
 static inline uint32_t scheme_k_per_step(QuantScheme s) {
-  return s == QuantScheme::kBF16 ? 2u : (scheme_is_int8(s) ? 4u : 8u);
+  return s == QuantScheme::kBF16 ? 2u : ((scheme_is_int8(s) || s == QuantScheme::kFP8Block) ? 4u : 8u);
+}
+
+// The value of an e4m3 (fn) code: exact in float; 0x7f / 0xff are NaN.
+static inline float fp8_e4m3_to_float(uint8_t c) {
+  const int e = (c >> 3) & 0xf, m = c & 7;
+  float v;
+  if (e == 0xf && m == 7) {
+    v = __builtin_nanf("");
+  } else if (e == 0) {
+    v = float(m) * (1.0f / 512.0f);  // m / 8 * 2^-6
+  } else {
+    v = (1.0f + float(m) * 0.125f);
+    for (int i = e; i < 7; ++i) v *= 0.5f;
+    for (int i = 7; i < e; ++i) v *= 2.0f;
+  }
+  return (c & 0x80) ? -v : v;
 }
 
 static inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
@@ -102,8 +138,8 @@ struct PackedGeometry {
   size_t total_bytes = 0;
 };
 
-// group_size 0 means one group per row (per channel; not for kInt8Group,
-// which needs 32, 64 or 128). Returns false (and leaves *g untouched) when
+// group_size 0 means one group per row (per channel; not for kInt8Group or
+// kFP8Block, which need 32, 64 or 128). Returns false (and leaves *g untouched) when
 // the combination is invalid: group not a multiple of 32 or not dividing
 // cols, or zero-sized matrix.
 static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, uint32_t group_size,
@@ -126,7 +162,7 @@ static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, 
     r.group_size = r.cols_padded;
     r.groups = 1;
     r.per_channel = 1;
-  } else if (s == QuantScheme::kInt8Group) {
+  } else if (s == QuantScheme::kInt8Group || s == QuantScheme::kFP8Block) {
     if (group_size != 32 && group_size != 64 && group_size != 128) return false;
     if (cols % group_size != 0 || r.cols_padded % group_size != 0) return false;
     r.group_size = group_size;
@@ -165,7 +201,7 @@ struct PackedMatrixView {
   QuantScheme scheme = QuantScheme::kBF16;
   PackedGeometry geo;
   const uint8_t* weights = nullptr;       // [rows_padded/16][block_weight_bytes]
-  const float* scales = nullptr;          // INT4, INT8 grouped: [blocks][groups][16]; INT8: [blocks][16]
+  const float* scales = nullptr;          // INT4, INT8 grouped, FP8: [blocks][groups][16]; INT8: [blocks][16]
   const float* mins = nullptr;            // INT4 asym: [blocks][groups][16]
   const int32_t* compensation = nullptr;  // INT8: [blocks][16]; INT8 grouped: [blocks][groups][16]
 };

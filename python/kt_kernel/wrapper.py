@@ -21,14 +21,16 @@ from ._pool import get_pool
 from ._tensors import FLOAT_CODES, describe, is_torch, torch_module
 
 # Native scheme codes (kt::QuantScheme).
-SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM, SCHEME_INT8_GROUP = 0, 1, 2, 3, 4
+SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM, SCHEME_INT8_GROUP, SCHEME_FP8 = 0, 1, 2, 3, 4, 5
+FP8_GROUP = 128  # K per FP8 scale group (DeepSeek / Kimi 128x128 block scales, expanded per row)
 
 # Method name -> scheme family. AMX* names are formats, not instruction sets:
 # they run on AVX-512, AVX2 or scalar CPUs as well.
 _INT8_METHODS = ("AMXINT8", "MOE_INT8")
 _INT4_METHODS = ("AMXINT4", "MOE_INT4")
-# FP8: e4m3 block-scaled checkpoints, dequantised exactly at load and run by the
-# BF16 kernels (no FP8 kernel yet). RAWINT4: compressed-tensors int4, loaded
+# FP8: e4m3 block-scaled checkpoints, loaded losslessly as e4m3 codes + per-row
+# group-128 scales (kFP8Block, 1 byte per weight; e4m3 is decoded to bf16 inside
+# the kernel); dense weights are quantised to e4m3 at load. RAWINT4: compressed-tensors int4, loaded
 # losslessly as INT4 symmetric group 32 (see kt_kernel/weights/).
 SUPPORTED_METHODS = ("BF16", "FP8", "RAWINT4") + _INT8_METHODS + _INT4_METHODS
 _UPSTREAM_METHODS = ("FP8_PERCHANNEL", "GPTQ_INT4", "LLAMAFILE", "MXFP4", "MXFP8")
@@ -50,8 +52,13 @@ def _scheme_for(method: str, group_size: Optional[int], zero_point: bool, hidden
         raise TypeError(f"method: expected a str, got {type(method).__name__}")
     # group_size only shapes INT4 formats; servers pass it for every method, so
     # the other formats ignore it.
-    if method in ("BF16", "FP8"):
+    if method == "BF16":
         return SCHEME_BF16, 0
+    if method == "FP8":
+        if hidden % FP8_GROUP or inter % FP8_GROUP:
+            raise ValueError(f"method FP8 needs hidden_size and moe_intermediate_size multiples of {FP8_GROUP} (its "
+                             f"scale group), got hidden_size={hidden}, moe_intermediate_size={inter}")
+        return SCHEME_FP8, FP8_GROUP
     if method == "RAWINT4":
         if group_size not in (None, 32) or zero_point:
             raise ValueError(f"method RAWINT4 is INT4 symmetric with group 32, got group_size={group_size}, "

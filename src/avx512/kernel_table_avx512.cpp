@@ -1,6 +1,6 @@
 // Registers the AVX-512 backend's kernels in the dispatch table: every format
-// on AVX-512 F/BW/VL/DQ/VNNI (checked by the dispatcher), BF16 only where the
-// CPU also has AVX512-BF16; otherwise BF16 stays null and is borrowed from the
+// on AVX-512 F/BW/VL/DQ/VNNI (checked by the dispatcher), BF16 and FP8 only
+// where the CPU also has AVX512-BF16; otherwise they stay null and are borrowed from the
 // next backend.
 #include "avx512/kernels_avx512.h"
 #include "kt_kernel/cpu_features.h"
@@ -34,6 +34,10 @@ void fill_kernels_avx512(KernelTable* t, const CpuFeatures& cpu) {
     bf.prepare_acts = avx512::prepare_acts_bf16__avx512;
     bf.gate_up = avx512::gate_up_bf16w_bf16a__avx512;
     bf.down = avx512::down_bf16w_bf16a__avx512;
+    FormatKernels& f8 = t->formats[int(QuantScheme::kFP8Block)];
+    f8.prepare_acts = avx512::prepare_acts_bf16__avx512;
+    f8.gate_up = avx512::gate_up_fp8w_bf16a__avx512;
+    f8.down = avx512::down_fp8w_bf16a__avx512;
   }
 }
 

@@ -26,6 +26,13 @@ void gate_up_q8gw_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixVi
 void down_q8gw_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
                            const float* row_weight, float* const* out_rows);
 
+// FP8 e4m3 block-scaled weights (decoded on the fly) x bf16 activations (AVX512-BF16).
+void gate_up_fp8w_bf16a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
+                                size_t block_end, const ActsView& a, const ActivationParams& act, float* h,
+                                size_t ldh);
+void down_fp8w_bf16a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
+                             const float* row_weight, float* const* out_rows);
+
 // INT4 weights (symmetric / with mins) x s8 activations.
 void gate_up_q4w_s8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh);

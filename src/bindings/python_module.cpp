@@ -151,6 +151,7 @@ py::tuple quantize_to_arrays(int scheme, uint32_t group, py::array_t<float, py::
   const size_t sc = quantized_scale_cols(s, group, cols);
   py::array q = s == QuantScheme::kBF16 ? py::array(py::array_t<uint16_t>({py::ssize_t(rows), py::ssize_t(cols)}))
                 : scheme_is_int8(s) ? py::array(py::array_t<int8_t>({py::ssize_t(rows), py::ssize_t(cols)}))
+                : s == QuantScheme::kFP8Block ? py::array(py::array_t<uint8_t>({py::ssize_t(rows), py::ssize_t(cols)}))
                 : py::array(py::array_t<uint8_t>({py::ssize_t(rows), py::ssize_t(cols / 2)}));
   py::array_t<float> scales({py::ssize_t(rows), py::ssize_t(sc)});
   py::object mins = py::none();

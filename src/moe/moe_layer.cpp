@@ -104,7 +104,7 @@ struct EncodedRows {
   // A view of rows [row0, row0 + rows) from column col0 (a multiple of 64).
   ActsView view(QuantScheme s, size_t row0, size_t rows, size_t col0, const int32_t* row_index) const {
     ActsView v;
-    const size_t elem = s == QuantScheme::kBF16 ? 2 : 1;
+    const size_t elem = scheme_bf16_acts(s) ? 2 : 1;
     v.data = buffer.data + row0 * buffer.row_bytes + col0 * elem;
     v.row_bytes = buffer.row_bytes;
     v.row_scale = buffer.row_scale + row0;
@@ -169,6 +169,7 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(po
   if (cfg.hidden == 0) bad("hidden_size must be positive");
   if (cfg.intermediate == 0) bad("moe_intermediate_size must be positive");
   if (cfg.scheme == QuantScheme::kInt8Group && cfg.group_size == 0) bad("grouped INT8 needs group_size 32, 64 or 128");
+  if (cfg.scheme == QuantScheme::kFP8Block && cfg.group_size == 0) bad("FP8 block needs group_size 32, 64 or 128 (checkpoints: 128)");
   if (scheme_has_groups(cfg.scheme) && cfg.group_size != 0) {
     const uint32_t g = cfg.group_size;
     if (g != 32 && g != 64 && g != 128) bad("group_size must be 32, 64 or 128 (or 0 for per channel), got " + std::to_string(g));
@@ -176,7 +177,7 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(po
     if (cfg.intermediate % g)
       bad("moe_intermediate_size (" + std::to_string(cfg.intermediate) + ") must be a multiple of group_size " + std::to_string(g));
   } else if (!scheme_has_groups(cfg.scheme) && cfg.group_size != 0) {
-    bad("group_size applies to INT4 and grouped INT8 formats only");
+    bad("group_size applies to INT4, grouped INT8 and FP8 formats only");
   }
 
   const int n = pool.num_subpools();

@@ -119,6 +119,21 @@ float dot_row(const PackedMatrixView& w, size_t n, const ActsView& a, size_t m) 
       }
       return acc * a.row_scale[ar];
     }
+    case QuantScheme::kFP8Block: {
+      // Per group: exact e4m3 decode, products and sums in double; groups
+      // scaled and summed in double in group order, rounded once.
+      const uint16_t* ab = reinterpret_cast<const uint16_t*>(act);
+      double acc = 0.0;
+      for (size_t grp = 0; grp < g.groups; ++grp) {
+        double dot = 0.0;
+        for (size_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) {
+          const size_t step = k / 4, t = k % 4;
+          dot += double(fp8_e4m3_to_float(blk[step * kStepBytes + 4 * r + t])) * double(bf16_to_f32(ab[k]));
+        }
+        acc += double(w.scales[(b * g.groups + grp) * kRowBlock + r]) * dot;
+      }
+      return float(acc);
+    }
     case QuantScheme::kInt4Sym:
     case QuantScheme::kInt4Asym: {
       const int8_t* as = reinterpret_cast<const int8_t*>(act);
@@ -177,6 +192,7 @@ void fill_kernels_scalar(KernelTable* t, const CpuFeatures&) {
   t->formats[int(QuantScheme::kInt4Sym)].prepare_acts = ref::prepare_acts_int4;
   t->formats[int(QuantScheme::kInt4Asym)].prepare_acts = ref::prepare_acts_int4;
   t->formats[int(QuantScheme::kInt8Group)].prepare_acts = ref::prepare_acts_int8;
+  t->formats[int(QuantScheme::kFP8Block)].prepare_acts = ref::prepare_acts_bf16;
 }
 
 }  // namespace kt

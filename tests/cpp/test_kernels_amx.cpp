@@ -559,8 +559,9 @@ TEST(AmxBackend, EmulationIsAvailableEverywhereAndProvidesEveryFormat) {
   const KernelTable& t = backend_kernels("amx-emu");
   EXPECT_STREQ(t.name, "amx-emu");
   for (int s = 0; s < kNumSchemes; ++s) {
-    // Grouped INT8 has no AMX kernel yet: the emulation borrows the scalar one.
-    EXPECT_EQ(format_provider("amx-emu", QuantScheme(s)), QuantScheme(s) == QuantScheme::kInt8Group ? "scalar" : "amx-emu")
+    // Grouped INT8 and FP8 have no AMX kernel yet: the emulation borrows the scalar ones.
+    const bool borrowed = QuantScheme(s) == QuantScheme::kInt8Group || QuantScheme(s) == QuantScheme::kFP8Block;
+    EXPECT_EQ(format_provider("amx-emu", QuantScheme(s)), borrowed ? "scalar" : "amx-emu")
         << s;
     EXPECT_TRUE(t.formats[s].prepare_acts && t.formats[s].gate_up && t.formats[s].down) << s;
   }

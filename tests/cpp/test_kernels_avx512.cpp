@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <iterator>
 #include <ostream>
 #include <random>
 #include <stdexcept>
@@ -51,6 +52,7 @@ struct Format {
   const char* name;
   QuantScheme scheme;
   uint32_t group;
+  bool raw_codes = false;  // FP8: uniformly random e4m3 codes (all but NaN, subnormals included) and scales
 };
 
 const Format kFormats[] = {
@@ -61,11 +63,13 @@ const Format kFormats[] = {
     {"int4m_g128", QuantScheme::kInt4Asym, 128},
     {"int8_g32", QuantScheme::kInt8Group, 32}, {"int8_g64", QuantScheme::kInt8Group, 64},
     {"int8_g128", QuantScheme::kInt8Group, 128},
+    {"fp8_g128", QuantScheme::kFP8Block, 128}, {"fp8_g32", QuantScheme::kFP8Block, 32},
+    {"fp8_codes_g128", QuantScheme::kFP8Block, 128, true},
 };
 
 void PrintTo(const Format& f, std::ostream* os) { *os << f.name; }
 
-bool is_integer(QuantScheme s) { return s != QuantScheme::kBF16; }
+bool is_integer(QuantScheme s) { return s != QuantScheme::kBF16 && s != QuantScheme::kFP8Block; }
 
 const uint32_t kRows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33, 64, 100};
 const uint32_t kCols[] = {64, 96, 128, 192, 320, 100};
@@ -89,7 +93,20 @@ bool make_packed(const Format& f, uint32_t rows, uint32_t cols, std::mt19937& rn
   // Asymmetric formats get a per-row offset so that mins matter.
   std::vector<float> w = random_matrix(rng, size_t(rows) * cols, f.scheme == QuantScheme::kInt4Asym ? 0.7f : 0.0f);
   p->buf = AlignedBuffer(p->geo.total_bytes);
-  pack_matrix(f.scheme, p->geo, w.data(), DType::kF32, cols, p->buf.data());
+  if (f.raw_codes) {
+    std::vector<uint8_t> q(size_t(rows) * cols);
+    for (auto& c : q) {
+      c = uint8_t(rng());
+      if ((c & 0x7f) == 0x7f) c = uint8_t(c ^ 0x01);  // no NaN codes
+    }
+    std::uniform_real_distribution<float> sd(1e-3f, 1e-2f);
+    std::vector<float> sc(size_t(rows) * (cols / f.group));
+    for (auto& v : sc) v = sd(rng);
+    pack_quantized_blocks(f.scheme, p->geo, q.data(), cols, sc.data(), nullptr, cols / f.group, p->buf.data(), 0,
+                          p->geo.rows_padded / kRowBlock);
+  } else {
+    pack_matrix(f.scheme, p->geo, w.data(), DType::kF32, cols, p->buf.data());
+  }
   p->view = make_packed_view(f.scheme, p->geo, p->buf.data());
   return true;
 }
@@ -117,7 +134,7 @@ struct Acts {
 
   ActsView view(QuantScheme s, size_t col0, const int32_t* row_index, size_t n) const {
     ActsView v;
-    v.data = data.data() + col0 * (s == QuantScheme::kBF16 ? 2 : 1);
+    v.data = data.data() + col0 * (scheme_bf16_acts(s) ? 2 : 1);
     v.row_bytes = buffer.row_bytes;
     v.row_scale = scale.data();
     v.group_sums = buffer.group_sums_stride ? sums.data() + col0 / kActSumGroup : nullptr;
@@ -135,6 +152,7 @@ TEST(KernelsAvx512, RegistersEveryFormat) {
        {QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym, QuantScheme::kInt8Group})
     EXPECT_EQ(format_provider("avx512", s), "avx512") << int(s);
   EXPECT_EQ(format_provider("avx512", QuantScheme::kBF16) == "avx512", cpu_features().avx512_bf16);
+  EXPECT_EQ(format_provider("avx512", QuantScheme::kFP8Block) == "avx512", cpu_features().avx512_bf16);
   for (const auto& f : avx->formats) {
     EXPECT_NE(f.prepare_acts, nullptr);
     EXPECT_NE(f.gate_up, nullptr);
@@ -149,7 +167,7 @@ TEST(KernelsAvx512, PrepareActsBitExact) {
   std::mt19937 rng(7);
   for (const QuantScheme s :
        {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
-        QuantScheme::kInt8Group}) {
+        QuantScheme::kInt8Group, QuantScheme::kFP8Block}) {
     if (format_provider("avx512", s) != "avx512") continue;
     for (size_t k : {1, 5, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 320, 1000, 2048}) {
       const size_t rows = 9, ldx = k + 3;
@@ -316,7 +334,9 @@ TEST_P(KernelsAvx512Format, MatchesScalarReference) {
   std::mt19937 rng(1234 + unsigned(f.scheme) * 7 + f.group);
   size_t count = 0, ran = 0;
   const size_t ntok = sizeof(kTokens) / sizeof(kTokens[0]);
-  for (uint32_t cols : kCols) {
+  std::vector<uint32_t> cols_list(std::begin(kCols), std::end(kCols));
+  if (f.scheme == QuantScheme::kFP8Block) cols_list.insert(cols_list.end(), {256u, 384u});
+  for (uint32_t cols : cols_list) {
     for (uint32_t rows : kRows) {
       PackedGeometry g;
       if (!packed_geometry(f.scheme, rows, cols, f.group, &g)) continue;

@@ -3,7 +3,10 @@
 // per-expert MoeLayer load must equal load_dense on any number of slices.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "kt_kernel/moe_layer.h"
@@ -44,7 +47,8 @@ struct Case {
 };
 const Case kCases[] = {{QuantScheme::kBF16, 0},     {QuantScheme::kInt8PerChannel, 0}, {QuantScheme::kInt4Sym, 32},
                        {QuantScheme::kInt4Sym, 0},  {QuantScheme::kInt4Asym, 64},      {QuantScheme::kInt4Asym, 0},
-                       {QuantScheme::kInt8Group, 32}, {QuantScheme::kInt8Group, 128}};
+                       {QuantScheme::kInt8Group, 32}, {QuantScheme::kInt8Group, 128},
+                       {QuantScheme::kFP8Block, 128}, {QuantScheme::kFP8Block, 32}};
 
 TEST(PackQuantized, ReproducesPackMatrixForWholeMatricesAndKSlices) {
   for (const Case& c : kCases) {
@@ -96,6 +100,89 @@ TEST(PackQuantized, Int8GroupIsLosslessForQ8_0) {
         ASSERT_EQ(v.compensation[((r / 16) * g.groups + grp) * 16 + r % 16], 128 * sum);
       }
   }
+}
+
+// The e4m3 decode against a table built from the definition (sign, 4-bit
+// exponent bias 7, 3-bit mantissa, subnormals, 0x7f / 0xff NaN), all 256 codes.
+TEST(PackQuantized, Fp8E4m3DecodeMatchesTheDefinition) {
+  for (int c = 0; c < 256; ++c) {
+    const int e = (c >> 3) & 15, m = c & 7;
+    const double sign = (c & 0x80) ? -1.0 : 1.0;
+    const float v = fp8_e4m3_to_float(uint8_t(c));
+    if (e == 15 && m == 7) {
+      EXPECT_TRUE(std::isnan(v)) << c;
+      continue;
+    }
+    const double want = e == 0 ? sign * m / 8.0 * std::ldexp(1.0, -6) : sign * (1.0 + m / 8.0) * std::ldexp(1.0, e - 7);
+    EXPECT_EQ(double(v), want) << c;
+  }
+  EXPECT_EQ(fp8_e4m3_to_float(0x7e), 448.0f);
+  EXPECT_EQ(fp8_e4m3_to_float(0x01), 1.0f / 512);
+  EXPECT_TRUE(std::signbit(fp8_e4m3_to_float(0x80)));
+}
+
+// FP8 checkpoints (e4m3 codes + per row-and-group fp32 scales, i.e. a
+// 128x128 weight_scale_inv expanded per row) pack losslessly: unpacking
+// returns scale * e4m3(code) exactly, also for a K slice at a group boundary.
+TEST(PackQuantized, Fp8BlockIsLosslessFromCodes) {
+  const size_t rows = 37, cols = 384, group = 128;
+  std::mt19937 rng(5);
+  std::vector<uint8_t> q(rows * cols);
+  for (auto& c : q) {
+    c = uint8_t(rng());
+    if ((c & 0x7f) == 0x7f) c = 0x38;
+  }
+  std::vector<float> blk(((rows + 127) / 128) * (cols / 128));
+  std::uniform_real_distribution<float> sd(1e-4f, 1e-2f);
+  for (auto& v : blk) v = sd(rng);
+  std::vector<float> sc(rows * (cols / group));
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t g = 0; g < cols / group; ++g) sc[r * (cols / group) + g] = blk[(r / 128) * (cols / 128) + g];
+  for (size_t col0 : {size_t(0), size_t(128), size_t(256)}) {
+    PackedGeometry g;
+    ASSERT_TRUE(packed_geometry(QuantScheme::kFP8Block, uint32_t(rows), uint32_t(cols - col0), group, &g));
+    EXPECT_EQ(g.compensation_offset, 0u);
+    std::vector<uint8_t> p(g.total_bytes, 0xAB);
+    pack_quantized_blocks(QuantScheme::kFP8Block, g, q.data(), cols, sc.data(), nullptr, cols / group, p.data(), 0,
+                          g.rows_padded / kRowBlock, col0);
+    std::vector<double> out(rows * g.cols);
+    unpack_matrix(QuantScheme::kFP8Block, g, p.data(), out.data());
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t k = 0; k < g.cols; ++k)
+        ASSERT_EQ(out[r * g.cols + k], double(sc[r * (cols / group) + (col0 + k) / group]) *
+                                           double(fp8_e4m3_to_float(q[r * cols + col0 + k])))
+            << r << " " << k << " col0 " << col0;
+  }
+  PackedGeometry g;
+  ASSERT_TRUE(packed_geometry(QuantScheme::kFP8Block, uint32_t(rows), uint32_t(cols), group, &g));
+  std::vector<uint8_t> p(g.total_bytes);
+  EXPECT_THROW(pack_quantized_blocks(QuantScheme::kFP8Block, g, q.data(), cols, sc.data(), nullptr, cols / group,
+                                     p.data(), 0, 1, 64),
+               std::invalid_argument);
+}
+
+// Quantising floats to FP8: scale = amax / 448 and round-to-nearest-even
+// e4m3 codes, so every value is within half an e4m3 step of the original and
+// each group's largest magnitude is exact up to the scale's rounding.
+TEST(PackQuantized, Fp8QuantisationRoundsToNearest) {
+  const size_t rows = 5, cols = 256;
+  auto w = random_matrix(rows, cols, 3);
+  w[7] = 0.0f;
+  for (size_t k = 128; k < 256; ++k) w[2 * cols + k] = 0.0f;  // an all-zero group
+  const Canonical c = quantize(QuantScheme::kFP8Block, 128, w, rows, cols, false);
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t k = 0; k < cols; ++k) {
+      const float s = c.scales[r * 2 + k / 128];
+      const double v = double(s) * fp8_e4m3_to_float(c.q[r * cols + k]);
+      // Best code: no other code is closer.
+      double best = 1e300;
+      for (int code = 0; code < 256; ++code) {
+        if ((code & 0x7f) == 0x7f) continue;
+        best = std::min(best, std::fabs(double(s) * fp8_e4m3_to_float(uint8_t(code)) - double(w[r * cols + k])));
+      }
+      ASSERT_LE(std::fabs(v - w[r * cols + k]), best * (1 + 1e-6) + 1e-30) << r << " " << k;
+    }
+  EXPECT_EQ(c.scales[2 * 2 + 1], 0.0f);
 }
 
 TEST(PackQuantized, ScaleSearchNeverIncreasesTheError) {

@@ -59,14 +59,23 @@ TEST(PackedGeometry, SectionsAreAlignedAndSized) {
   EXPECT_FALSE(packed_geometry(QuantScheme::kInt8Group, 16, 64, 0, &g));    // needs a group
   EXPECT_FALSE(packed_geometry(QuantScheme::kInt8Group, 16, 256, 256, &g)); // only 32 / 64 / 128
   EXPECT_FALSE(packed_geometry(QuantScheme::kInt8Group, 16, 96, 64, &g));   // 64 does not divide 96
+  // FP8 block: 1-byte codes (4 k per step), scales per row and group, no compensation.
+  ASSERT_TRUE(packed_geometry(QuantScheme::kFP8Block, 33, 384, 128, &g));
+  EXPECT_EQ(g.groups, 3u);
+  EXPECT_EQ(g.block_weight_bytes, 384u / 4 * 64);
+  EXPECT_EQ(g.total_bytes - g.scales_offset, 3u * 3 * 16 * 4);
+  EXPECT_EQ(g.compensation_offset, 0u);
+  EXPECT_FALSE(packed_geometry(QuantScheme::kFP8Block, 16, 192, 128, &g));  // 128 does not divide 192
+  EXPECT_FALSE(packed_geometry(QuantScheme::kFP8Block, 16, 128, 0, &g));    // needs a group
 }
 
 TEST(Pack, IsDeterministicAndWritesEveryByte) {
   const auto w = random_matrix(17, 160, 1);
   for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
-                        QuantScheme::kInt8Group}) {
-    const size_t C = s == QuantScheme::kInt8Group ? 160 : 100;
-    Packed a = pack(s, 17, C, s == QuantScheme::kInt8Group ? 32 : 0, w);
+                        QuantScheme::kInt8Group, QuantScheme::kFP8Block}) {
+    const bool grouped = s == QuantScheme::kInt8Group || s == QuantScheme::kFP8Block;
+    const size_t C = grouped ? 160 : 100;
+    Packed a = pack(s, 17, C, grouped ? 32 : 0, w);
     PackedGeometry g = a.geo;
     std::vector<uint8_t> b(g.total_bytes, 0x11);
     pack_matrix(s, g, w.data(), DType::kF32, C, b.data());
@@ -100,7 +109,7 @@ TEST(ReferenceKernels, DownMatchesFloat64OnUnpackedValues) {
   const auto w = random_matrix(N, K, 3);
   const auto x = random_matrix(M, K, 4);
   for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
-                        QuantScheme::kInt8Group}) {
+                        QuantScheme::kInt8Group, QuantScheme::kFP8Block}) {
     const uint32_t group = scheme_has_groups(s) ? 64 : 0;
     Packed p = pack(s, N, K, group, w);
     std::vector<double> wd(N * K);
@@ -121,7 +130,7 @@ TEST(ReferenceKernels, DownMatchesFloat64OnUnpackedValues) {
       // Dequantised activations.
       std::vector<double> xd(K);
       for (size_t k = 0; k < K; ++k) {
-        if (s == QuantScheme::kBF16) {
+        if (scheme_bf16_acts(s)) {
           xd[k] = bf16_to_f32(reinterpret_cast<const uint16_t*>(data.data() + m * rb)[k]);
         } else {
           const int q = scheme_is_int8(s) ? int(data[m * rb + k]) - 128 : int(int8_t(data[m * rb + k]));

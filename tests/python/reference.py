@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 BF16, INT8, INT4_SYM, INT4_ASYM = 0, 1, 2, 3
+FP8 = 5  # e4m3 weights, bf16 activations
 
 
 def activation(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0, alpha: float = 0.0) -> torch.Tensor:
@@ -75,7 +76,7 @@ def quantize_rows_like_kernel(x: np.ndarray):
 
 def encode_like_kernel(x: np.ndarray, scheme: int) -> np.ndarray:
     """The exact float64 values the kernels multiply for activation rows x (float32)."""
-    if scheme == BF16:
+    if scheme in (BF16, FP8):
         return bf16_round(x).astype(np.float64)
     q, s = quantize_rows_like_kernel(x)
     return q.astype(np.float64) * s.astype(np.float64)[:, None]

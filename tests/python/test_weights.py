@@ -54,7 +54,8 @@ def unpack_all(w, E):
 
 
 # ----------------------------------------------------------------- native parts
-@pytest.mark.parametrize("scheme,group", [(0, 0), (1, 0), (2, 32), (2, 64), (2, 0), (3, 32), (3, 0), (4, 32), (4, 128)])
+@pytest.mark.parametrize("scheme,group", [(0, 0), (1, 0), (2, 32), (2, 64), (2, 0), (3, 32), (3, 0), (4, 32), (4, 128),
+                                          (5, 32), (5, 128)])
 def test_canonical_quantisation_packs_like_pack_matrix(scheme, group):
     rng = np.random.default_rng(scheme * 10 + group)
     for N, K in ((17, 96 if group not in (64, 128) else 128), (33, 256)):
@@ -161,6 +162,23 @@ def test_fp8_block_scaled(tmp_path, fresh_pool):
     E, H, I = 4, 256, 256
     src, G, U, D = ww.write_hf_fp8(str(tmp_path / "fp8"), E=E, H=H, I=I)
     check_forward(src, "FP8", G, U, D, E, H, I, BUDGET["FP8"], layers=(1,))  # native: no conversion
+    # Native FP8 is lossless (e4m3 codes + scales, 1 byte per weight: no bf16 copy) and the
+    # forward matches the quantisation-aware reference (bf16 activations) to 1e-5.
+    w, x, ids, tw, y = run_layer(src, "FP8", 1, E, H, I)
+    assert w.scheme == 5 and w.group_size == 128
+    g, u, d = unpack_all(w, E)
+    assert np.array_equal(g, G[1]) and np.array_equal(u, U[1]) and np.array_equal(d, D[1])
+    from reference import quant_aware_intermediate, quant_aware_output, rel_max_err
+
+    w._layer.set_capture(True)
+    y = np.array(w.forward(x, ids, tw))
+    h = w._layer.captured_intermediate()
+    weights = (g, u, d)
+    h_ref = quant_aware_intermediate(x, ids, w._layer, w.scheme, E, weights)
+    valid = ~np.isnan(h_ref)
+    assert rel_max_err(h[valid], h_ref[valid]) <= 1e-5
+    assert rel_max_err(y, quant_aware_output(h, ids, tw, w.scheme, E, weights)) <= 1e-5
+    assert w.packed_bytes < 3 * E * H * I * 1.1  # 1 byte per weight (+ scales), not 2
     out = tmp_path / "out"
     conv.convert(src, str(out), "AMXINT8", threads=2, progress=None)
     check_forward(out, "AMXINT8", G, U, D, E, H, I, BUDGET["AMXINT8"])

@@ -10,9 +10,9 @@ from typing import Optional
 import numpy as np
 
 # Native scheme codes (kt::QuantScheme) and their names in file metadata.
-BF16, INT8, INT4_SYM, INT4_ASYM, INT8_GROUP = 0, 1, 2, 3, 4
+BF16, INT8, INT4_SYM, INT4_ASYM, INT8_GROUP, FP8 = 0, 1, 2, 3, 4, 5
 SCHEME_NAMES = {BF16: "bf16", INT8: "int8_per_channel", INT4_SYM: "int4_sym", INT4_ASYM: "int4_asym",
-                INT8_GROUP: "int8_group"}
+                INT8_GROUP: "int8_group", FP8: "fp8_block"}
 SCHEME_BY_NAME = {v: k for k, v in SCHEME_NAMES.items()}
 
 # Our canonical-file format (kt_kernel/weights/convert.py); bump on change.
@@ -43,6 +43,18 @@ def _fp8_e4m3_table() -> np.ndarray:
 
 
 FP8_E4M3 = _fp8_e4m3_table()
+
+
+def fp8_block_scales_per_row(scale_inv: np.ndarray, rows: int, cols: int, block=(128, 128),
+                             name: str = "") -> np.ndarray:
+    """A [ceil(N/bn), ceil(K/bk)] weight_scale_inv expanded to the per-row-and-group scales of the FP8 block
+    scheme: float32 [N, K/bk], scale[r][g] = weight_scale_inv[r // bn][g] (K must be a multiple of bk)."""
+    bn, bk = block
+    need = (-(-rows // bn), -(-cols // bk))
+    if tuple(scale_inv.shape) != need:
+        raise ValueError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {need} for a "
+                         f"[{rows}, {cols}] FP8 weight with {bn}x{bk} blocks")
+    return np.ascontiguousarray(np.repeat(np.asarray(scale_inv, dtype=np.float32), bn, axis=0)[:rows])
 
 
 def dequant_fp8_block(codes: np.ndarray, scale_inv: np.ndarray, block=(128, 128), name: str = "") -> np.ndarray:
@@ -109,6 +121,9 @@ def dequant_canonical(scheme: int, group: int, q, scales, mins, cols: int) -> np
         return np.asarray(q, dtype=np.float64) * np.asarray(scales, dtype=np.float64)[:, :1]
     if scheme == INT8_GROUP:
         return np.asarray(q, dtype=np.float64) * np.repeat(np.asarray(scales, dtype=np.float64), group, axis=1)
+    if scheme == FP8:
+        return FP8_E4M3[np.asarray(q, dtype=np.uint8)].astype(np.float64) * np.repeat(
+            np.asarray(scales, dtype=np.float64), group, axis=1)
     codes = int4_codes(np.asarray(q), cols).astype(np.float64)
     gs = group if group else cols
     s = np.repeat(np.asarray(scales, dtype=np.float64), gs, axis=1)

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .common import INT4_SYM, Matrix, dequant_fp8_block
+from .common import FP8, INT4_SYM, Matrix, dequant_fp8_block, fp8_block_scales_per_row
 from .safetensors_io import SafetensorsFile
 
 _KEY = re.compile(
@@ -234,6 +234,12 @@ class HFCheckpoint:
             if "weight_scale_inv" not in names:
                 raise ValueError(f"{self.path}: {what}: FP8 weight without weight_scale_inv")
             s, sdt = self.tensor(names["weight_scale_inv"])
+            bk = self.fp8_block[1]
+            if bk in (32, 64, 128) and cols % bk == 0:  # the FP8 block scheme's form: codes + per-row scales, lossless
+                scales = fp8_block_scales_per_row(self._to_f32(s, sdt, names["weight_scale_inv"]), rows, cols,
+                                                  self.fp8_block, f"{self.path}: {names['weight_scale_inv']}")
+                return Matrix("quant", rows, cols, scheme=FP8, group=bk, q=np.ascontiguousarray(w).view(np.uint8),
+                              scales=scales)
             vals = dequant_fp8_block(w, self._to_f32(s, sdt, names["weight_scale_inv"]), self.fp8_block,
                                      f"{self.path}: {names['weight_scale_inv']}")
             return Matrix("dense", rows, cols, values=vals)

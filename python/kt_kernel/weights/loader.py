@@ -7,8 +7,8 @@ The wrapper's method and weight_path decide:
     layout version, shapes, scheme, group size);
   * a Hugging Face directory or a GGUF file ("native" methods, no
     conversion): BF16 from bf16/fp16/fp32 weights; FP8 e4m3 block-scaled
-    weights dequantised exactly and rounded to bf16 (the BF16 kernels run them;
-    there is no FP8 kernel yet); RAWINT4 from compressed-tensors int4 (or GGUF
+    weights losslessly as e4m3 codes + per-row group scales (the FP8 block
+    format, decoded inside the kernel; no bf16 copy); RAWINT4 from compressed-tensors int4 (or GGUF
     Q4_0) losslessly; other methods quantise at load time.
 Experts marked in gpu_experts_mask are not read at all; the
 physical_to_logical_map picks which logical expert each slot holds.
@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, INT4_ASYM, INT4_SYM, INT8, INT8_GROUP,
+from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, FP8, INT4_ASYM, INT4_SYM, INT8, INT8_GROUP,
                      SCHEME_BY_NAME, SCHEME_NAMES, WHICH)
 from .convert import MANIFEST, layer_file, open_source, tensor_name
 from .safetensors_io import SafetensorsFile
@@ -177,6 +177,11 @@ def load_into(wrapper, physical_to_logical_map: Any = None) -> None:
         want = (INT8_GROUP, probe.group) if probe.kind == "quant" and probe.scheme == INT8_GROUP else (INT8, 0)
         if want != (wrapper.scheme, wrapper.group_size):
             wrapper._rebuild_layer(want[1], want[0])
+    if wrapper.scheme == FP8:
+        # FP8 wrappers adopt the checkpoint's scale group (its weight_block_size along K) to stay lossless.
+        probe = src.matrix(L, 0, "gate")
+        if probe.kind == "quant" and probe.scheme == FP8 and probe.group != wrapper.group_size:
+            wrapper._rebuild_layer(probe.group)
     logical, mask = _slot_plan(wrapper, physical_to_logical_map, src.num_experts)
     wrapper._layer.allocate()
     for s in range(wrapper.num_experts):
