@@ -117,6 +117,9 @@ __attribute__((target("avx512f"))) uint64_t sum_avx512(const uint64_t* p, size_t
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   size_t i = 0;
   for (; i + 64 <= n; i += 64) {  // 512 bytes per iteration, eight independent adds
+    // Prefetch 4 KiB ahead as the GEMV kernels do: without it the hardware
+    // prefetcher alone leaves bandwidth unused and the roof reads low.
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 512), _MM_HINT_T0);
     a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
     a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 8));
     a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 16));
