@@ -49,68 +49,22 @@ namespace {
 // streams the weights once at memory speed) loses nothing to it.
 constexpr size_t kAmxMinTokens = 8;
 
-void gate_up_q8w_u8a__amx_auto(const PackedMatrixView& gate, const PackedMatrixView& up, size_t bb, size_t be,
-                               const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  if (a.rows >= kAmxMinTokens)
-    gate_up_q8w_u8a__amx(gate, up, bb, be, a, act, h, ldh);
-  else
-    avx512::gate_up_q8w_u8a__avx512(gate, up, bb, be, a, act, h, ldh);
+using GateUpFn = decltype(FormatKernels::gate_up);
+using DownFn = decltype(FormatKernels::down);
+
+// One threshold wrapper per (tile kernel, AVX-512 kernel) pair: tiles from
+// kAmxMinTokens rows per expert, the AVX-512 GEMV/GEMM below. Instances live
+// in this anonymous namespace (internal linkage: no weak symbols).
+template <GateUpFn kTiles, GateUpFn kVector>
+void gate_up_auto(const PackedMatrixView& gate, const PackedMatrixView& up, size_t bb, size_t be, const ActsView& a,
+                  const ActivationParams& act, float* h, size_t ldh) {
+  (a.rows >= kAmxMinTokens ? kTiles : kVector)(gate, up, bb, be, a, act, h, ldh);
 }
 
-void down_q8w_u8a__amx_auto(const PackedMatrixView& w, size_t bb, size_t be, const ActsView& a,
-                            const float* row_weight, float* const* out_rows) {
-  if (a.rows >= kAmxMinTokens)
-    down_q8w_u8a__amx(w, bb, be, a, row_weight, out_rows);
-  else
-    avx512::down_q8w_u8a__avx512(w, bb, be, a, row_weight, out_rows);
-}
-
-void gate_up_q4w_s8a__amx_auto(const PackedMatrixView& gate, const PackedMatrixView& up, size_t bb, size_t be,
-                               const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  if (a.rows >= kAmxMinTokens)
-    gate_up_q4w_s8a__amx(gate, up, bb, be, a, act, h, ldh);
-  else
-    avx512::gate_up_q4w_s8a__avx512(gate, up, bb, be, a, act, h, ldh);
-}
-
-void down_q4w_s8a__amx_auto(const PackedMatrixView& w, size_t bb, size_t be, const ActsView& a,
-                            const float* row_weight, float* const* out_rows) {
-  if (a.rows >= kAmxMinTokens)
-    down_q4w_s8a__amx(w, bb, be, a, row_weight, out_rows);
-  else
-    avx512::down_q4w_s8a__avx512(w, bb, be, a, row_weight, out_rows);
-}
-
-void gate_up_q4mw_s8a__amx_auto(const PackedMatrixView& gate, const PackedMatrixView& up, size_t bb, size_t be,
-                                const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  if (a.rows >= kAmxMinTokens)
-    gate_up_q4w_s8a__amx(gate, up, bb, be, a, act, h, ldh);
-  else
-    avx512::gate_up_q4mw_s8a__avx512(gate, up, bb, be, a, act, h, ldh);
-}
-
-void down_q4mw_s8a__amx_auto(const PackedMatrixView& w, size_t bb, size_t be, const ActsView& a,
-                             const float* row_weight, float* const* out_rows) {
-  if (a.rows >= kAmxMinTokens)
-    down_q4w_s8a__amx(w, bb, be, a, row_weight, out_rows);
-  else
-    avx512::down_q4mw_s8a__avx512(w, bb, be, a, row_weight, out_rows);
-}
-
-void gate_up_bf16w_bf16a__amx_auto(const PackedMatrixView& gate, const PackedMatrixView& up, size_t bb, size_t be,
-                                   const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  if (a.rows >= kAmxMinTokens)
-    gate_up_bf16w_bf16a__amx(gate, up, bb, be, a, act, h, ldh);
-  else
-    avx512::gate_up_bf16w_bf16a__avx512(gate, up, bb, be, a, act, h, ldh);
-}
-
-void down_bf16w_bf16a__amx_auto(const PackedMatrixView& w, size_t bb, size_t be, const ActsView& a,
-                                const float* row_weight, float* const* out_rows) {
-  if (a.rows >= kAmxMinTokens)
-    down_bf16w_bf16a__amx(w, bb, be, a, row_weight, out_rows);
-  else
-    avx512::down_bf16w_bf16a__avx512(w, bb, be, a, row_weight, out_rows);
+template <DownFn kTiles, DownFn kVector>
+void down_auto(const PackedMatrixView& w, size_t bb, size_t be, const ActsView& a, const float* row_weight,
+               float* const* out_rows) {
+  (a.rows >= kAmxMinTokens ? kTiles : kVector)(w, bb, be, a, row_weight, out_rows);
 }
 
 }  // namespace
@@ -121,25 +75,28 @@ void down_bf16w_bf16a__amx_auto(const PackedMatrixView& w, size_t bb, size_t be,
 void fill_kernels_amx(KernelTable* t, const CpuFeatures& cpu) {
   FormatKernels& i8 = t->formats[int(QuantScheme::kInt8PerChannel)];
   i8.prepare_acts = avx512::prepare_acts_u8__avx512;
-  i8.gate_up = amx_hw::gate_up_q8w_u8a__amx_auto;
-  i8.down = amx_hw::down_q8w_u8a__amx_auto;
+  i8.gate_up = amx_hw::gate_up_auto<amx_hw::gate_up_q8w_u8a__amx, avx512::gate_up_q8w_u8a__avx512>;
+  i8.down = amx_hw::down_auto<amx_hw::down_q8w_u8a__amx, avx512::down_q8w_u8a__avx512>;
 
   FormatKernels& i4 = t->formats[int(QuantScheme::kInt4Sym)];
   i4.prepare_acts = avx512::prepare_acts_s8_sums__avx512;
-  i4.gate_up = amx_hw::gate_up_q4w_s8a__amx_auto;
-  i4.down = amx_hw::down_q4w_s8a__amx_auto;
+  i4.gate_up = amx_hw::gate_up_auto<amx_hw::gate_up_q4w_s8a__amx, avx512::gate_up_q4w_s8a__avx512>;
+  i4.down = amx_hw::down_auto<amx_hw::down_q4w_s8a__amx, avx512::down_q4w_s8a__avx512>;
 
   FormatKernels& i4m = t->formats[int(QuantScheme::kInt4Asym)];
   i4m.prepare_acts = avx512::prepare_acts_s8_sums__avx512;
-  i4m.gate_up = amx_hw::gate_up_q4mw_s8a__amx_auto;
-  i4m.down = amx_hw::down_q4mw_s8a__amx_auto;
+  i4m.gate_up = amx_hw::gate_up_auto<amx_hw::gate_up_q4w_s8a__amx, avx512::gate_up_q4mw_s8a__avx512>;
+  i4m.down = amx_hw::down_auto<amx_hw::down_q4w_s8a__amx, avx512::down_q4mw_s8a__avx512>;
 
   // The BF16 encoder is integer code; the small-count fallback needs AVX512-BF16
   // (every AMX-BF16 CPU so far has it; without it, tiles serve every count).
   FormatKernels& bf = t->formats[int(QuantScheme::kBF16)];
   bf.prepare_acts = avx512::prepare_acts_bf16__avx512;
-  bf.gate_up = cpu.avx512_bf16 ? amx_hw::gate_up_bf16w_bf16a__amx_auto : amx_hw::gate_up_bf16w_bf16a__amx;
-  bf.down = cpu.avx512_bf16 ? amx_hw::down_bf16w_bf16a__amx_auto : amx_hw::down_bf16w_bf16a__amx;
+  bf.gate_up = cpu.avx512_bf16
+                   ? amx_hw::gate_up_auto<amx_hw::gate_up_bf16w_bf16a__amx, avx512::gate_up_bf16w_bf16a__avx512>
+                   : amx_hw::gate_up_bf16w_bf16a__amx;
+  bf.down = cpu.avx512_bf16 ? amx_hw::down_auto<amx_hw::down_bf16w_bf16a__amx, avx512::down_bf16w_bf16a__avx512>
+                            : amx_hw::down_bf16w_bf16a__amx;
 }
 
 #endif
