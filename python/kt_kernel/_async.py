@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _kt_kernel
-from ._tensors import FLOAT_CODES, describe, empty_like_rows, is_torch, torch_module
+from ._tensors import FLOAT_CODES, data_ptr, describe, empty_like_rows, is_torch, torch_module
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -63,7 +63,9 @@ def _output(wr, x_info, T: int, persistent: bool, use_stream: bool):
 
 
 def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int,
-           num_tokens: Optional[Any] = None) -> None:
+           num_tokens: Optional[Any] = None, run_inline: bool = False) -> None:
+    """run_inline (forward(), which syncs at once): in CPU mode the layer runs on this thread if no
+    other layer task is queued or running, which saves the hand-off to the executor and back."""
     from .wrapper import KTMoEWrapper
 
     if not wr._loaded:
@@ -77,7 +79,8 @@ def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream
     w = describe(topk_weights, "topk_weights", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, k), allow_cuda=True)
     if is_torch(x.obj) != is_torch(ids.obj) or is_torch(x.obj) != is_torch(w.obj):
         raise TypeError("hidden_states, topk_ids and topk_weights must all be torch tensors or all NumPy arrays")
-    devices = {_device_key(i) for i in (x, ids, w)}
+    all_cpu = x.device == "cpu" and ids.device == "cpu" and w.device == "cpu"
+    devices = {"cpu"} if all_cpu else {_device_key(i) for i in (x, ids, w)}
     if len(devices) != 1:
         raise ValueError(f"hidden_states, topk_ids and topk_weights must be on one device, got {sorted(devices)}")
     on_device = x.device != "cpu"
@@ -95,15 +98,14 @@ def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream
     persistent = T in KTMoEWrapper._capture_batch_sizes
     y, y_ptr, y_stride = None, 0, 0
     if not use_stream:
-        y = _output(wr, x, T, persistent, False)
-        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, H))
-        y_ptr, y_stride = yi.ptr, yi.row_stride
+        y = _output(wr, x, T, persistent, False)  # ours: [T, H], C-contiguous, on the CPU
+        y_ptr, y_stride = data_ptr(y), H
     counts = wr._expert_counts
     _native(wr).submit(T, x.ptr, FLOAT_CODES[x.dtype], x.row_stride, ids.ptr, ids.dtype == "int64", ids.row_stride,
                        w.ptr, FLOAT_CODES[w.dtype], w.row_stride, wr._mask_ptr(), y_ptr, FLOAT_CODES[x.dtype],
                        y_stride, int(wr.max_deferred_experts_per_token or 0),
                        counts.ctypes.data if counts is not None else 0, persistent, use_stream, int(cuda_stream),
-                       tokens_dev)
+                       tokens_dev, run_inline and not use_stream)
     wr._pending = (use_stream, y, x, T, persistent)
 
 

@@ -40,8 +40,17 @@ FLOAT_CODES = {"float32": F32, "float16": F16, "bfloat16": BF16, "float64": F64}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "int64": 8, "bool": 1, "uint8": 1}
 
 
+_torch_types: set = set()  # types seen to be torch tensors (is_torch runs many times per layer call)
+
+
 def is_torch(obj: Any) -> bool:
-    return type(obj).__module__.startswith("torch") and hasattr(obj, "data_ptr")
+    tp = type(obj)
+    if tp in _torch_types:
+        return True
+    if tp.__module__.startswith("torch") and hasattr(obj, "data_ptr"):
+        _torch_types.add(tp)
+        return True
+    return False
 
 
 @dataclass
@@ -63,12 +72,26 @@ class TensorInfo:
         return self.strides[0] if self.shape else 0
 
 
+# torch dtype object -> name, filled on first sight (str(dtype) costs a microsecond per call, and
+# describe runs three times per layer call).
+_torch_dtype_names: dict = {}
+
+
 def _torch_info(t: Any, name: str) -> TensorInfo:
-    dt = _TORCH_DTYPES.get(str(t.dtype))
+    dtype = t.dtype
+    dt = _torch_dtype_names.get(dtype)
     if dt is None:
-        raise TypeError(f"{name}: unsupported dtype {t.dtype}")
-    return TensorInfo(t, name, dt, tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride()),
-                      str(t.device.type), int(t.data_ptr()))
+        dt = _TORCH_DTYPES.get(str(dtype))
+        if dt is None:
+            raise TypeError(f"{name}: unsupported dtype {dtype}")
+        _torch_dtype_names[dtype] = dt
+    # torch.Size and stride() are tuples of ints already.
+    return TensorInfo(t, name, dt, tuple(t.shape), tuple(t.stride()), t.device.type, t.data_ptr())
+
+
+def data_ptr(obj: Any) -> int:
+    """Address of the first element of a torch tensor or NumPy array."""
+    return obj.data_ptr() if is_torch(obj) else int(obj.__array_interface__["data"][0])
 
 
 def _numpy_info(a: np.ndarray, name: str) -> TensorInfo:

@@ -269,9 +269,11 @@ class KTMoEWrapper:
         return info.ptr
 
     def forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0):
-        """submit_forward then sync_forward."""
-        self.submit_forward(hidden_states, topk_ids, topk_weights, cuda_stream)
-        return self.sync_forward(hidden_states, cuda_stream)
+        """submit_forward then sync_forward (in CPU mode the work runs on this thread when no other
+        layer's task is queued, saving two thread hand-offs)."""
+        with self._lock:
+            _async.submit(self, hidden_states, topk_ids, topk_weights, cuda_stream, run_inline=True)
+            return _async.sync(self, hidden_states, cuda_stream)
 
     def submit_forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0,
                        num_tokens: Any = None) -> None:

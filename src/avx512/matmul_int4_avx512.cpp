@@ -25,25 +25,41 @@ namespace {
 // nibble registers + 2 broadcasts + the nibble mask = 27 zmm), the first
 // token tile streaming the weights and the others reading them from L2.
 constexpr size_t kQ4GemvMaxTokens = 6;
-// GEMV streams. gate/up: 1 gate + 1 up block, prefetched 4 KiB ahead (2
-// streams at 4 KiB read 10-25 percent faster than 4 or 8 at 1 KiB). down:
-// 8 blocks at 1-2 tokens (8-10 percent faster than 4), 4 blocks at 3-4
-// tokens, 2 blocks at 5-6 (the accumulators must fit: blocks x tokens <= 16).
+// GEMV streams, each prefetched 4 KiB ahead. gate/up: 1 gate + 1 up block.
+// down: one block at 1-3 tokens, two at 4-6 (measured, down at I = 768 and
+// 1408, 1 thread: one stream reads 15-25 percent faster than the 4 or 8
+// interleaved streams used before; from 4 tokens two streams win). A single
+// stream reads its blocks in memory order, and the prefetch runs straight on
+// into the next block.
 constexpr size_t kQ4GemvGateUpBlocks = 1;
-constexpr size_t kQ4GateUpPrefetchBytes = 4096;
-constexpr size_t kQ4GemvWideTokens = 2;
-constexpr size_t kQ4GemvWideDownBlocks = 8;
-constexpr size_t kQ4GemvMidTokens = 4;
-constexpr size_t kQ4GemvDownBlocks = 4;
-constexpr size_t kQ4GemvNarrowDownBlocks = 2;
-constexpr size_t kQ4DownPrefetchBytes = 1024;
+constexpr size_t kQ4GemvDownBlocksFew = 1;
+constexpr size_t kQ4GemvFewTokens = 3;
+constexpr size_t kQ4GemvDownBlocks = 2;
+constexpr size_t kQ4GemvPrefetchBytes = 4096;
+constexpr size_t kQ4ScalePrefetchGroups = 4;
 constexpr size_t kQ4GemmStreams = 4;
 constexpr size_t kQ4GemmTokens = 4;
+
+// Independent int32 accumulator chains of a tile. Each step adds two
+// dependent vpdpbusd (low, then high nibbles) to an accumulator, so a tile
+// with few accumulators is bound by the instruction's latency, not by memory:
+// small tiles (decode) keep the low and high halves in separate accumulators
+// (kLH = 2) and round-robin consecutive steps over kKS accumulator sets, so
+// that at least 8 chains are in flight. The parts are summed per group;
+// integer sums are exact in any order, so results stay bit-identical.
+template <int NS, int MT>
+struct Q4Chains {
+  static constexpr int kLH = NS * MT <= 4 ? 2 : 1;
+  static constexpr int kPerSet = NS * MT * kLH;
+  static constexpr int kKS = kPerSet >= 8 ? 1 : 8 / kPerSet;
+};
 
 template <bool kMins>
 struct Q4 {
   template <int NS, int MT, bool PF>
   struct Tile {
+    static constexpr int kLH = Q4Chains<NS, MT>::kLH;
+    static constexpr int kKS = Q4Chains<NS, MT>::kKS;
     static void run(const Streams& s, const Tokens& tk, float* res) {
       alignas(64) float facc[NS * MT * 16];
       alignas(64) int32_t iacc[NS * MT * 16];
@@ -56,41 +72,66 @@ struct Q4 {
       for (int j = 0; j < NS; ++j) w[j] = s.w[j];
 #pragma GCC unroll 64
       for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+      // group_steps is a multiple of 4 (groups of 32, 64, 128 k, or whole
+      // rows padded to 64 k), so the kKS-step body never overruns a group.
       const size_t gsteps = s.group_steps, spg = s.sums_per_group;
       size_t i = 0;
       for (size_t g = 0; g < s.groups; ++g) {
-        __m512i acc[NS][MT];
-#pragma GCC unroll 64
-        for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-          for (int t = 0; t < MT; ++t) acc[j][t] = _mm512_setzero_si512();
-        for (const size_t end = i + gsteps; i < end; ++i) {
-          const size_t wo = i * kStepBytes, ao = i * 8;
-          const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-          if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
-          __m512i lo[NS], hi[NS];
+        // The scales (and mins) are a slow stream of their own (one line per
+        // 16 steps of a block): prefetched kQ4ScalePrefetchGroups groups ahead,
+        // running on into the next block's (gate/up at 1 token, 1 thread: +8%).
+        if (PF) {
 #pragma GCC unroll 64
           for (int j = 0; j < NS; ++j) {
-            const __m512i raw = _mm512_loadu_si512(w[j] + wo);
-            if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
-            lo[j] = _mm512_and_si512(raw, nib);
-            hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+            const size_t ahead = (g + kQ4ScalePrefetchGroups) * kRowBlock;
+            _mm_prefetch(reinterpret_cast<const char*>(s.scales[j] + ahead), _MM_HINT_T0);
+            if (kMins) _mm_prefetch(reinterpret_cast<const char*>(s.mins[j] + ahead), _MM_HINT_T0);
           }
+        }
+        __m512i acc[kKS * kLH][NS][MT];
 #pragma GCC unroll 64
-          for (int t = 0; t < MT; ++t) {
-            const __m512i b0 = bcast32(a[t] + ao);
-            const __m512i b1 = bcast32(a[t] + ao + 4);
+        for (int c = 0; c < kKS * kLH; ++c)
+#pragma GCC unroll 64
+          for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+            for (int t = 0; t < MT; ++t) acc[c][j][t] = _mm512_setzero_si512();
+        for (const size_t end = i + gsteps; i < end; i += kKS) {
+#pragma GCC unroll 8
+          for (int ks = 0; ks < kKS; ++ks) {
+            const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 8;
+            const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
+            if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+            __m512i lo[NS], hi[NS];
 #pragma GCC unroll 64
             for (int j = 0; j < NS; ++j) {
-              acc[j][t] = _mm512_dpbusd_epi32(acc[j][t], lo[j], b0);
-              acc[j][t] = _mm512_dpbusd_epi32(acc[j][t], hi[j], b1);
+              const __m512i raw = _mm512_loadu_si512(w[j] + wo);
+              if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
+              lo[j] = _mm512_and_si512(raw, nib);
+              hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+            }
+            __m512i(&al)[NS][MT] = acc[ks * kLH];
+            __m512i(&ah)[NS][MT] = acc[ks * kLH + kLH - 1];
+#pragma GCC unroll 64
+            for (int t = 0; t < MT; ++t) {
+              const __m512i b0 = bcast32(a[t] + ao);
+              const __m512i b1 = bcast32(a[t] + ao + 4);
+#pragma GCC unroll 64
+              for (int j = 0; j < NS; ++j) {
+                al[j][t] = _mm512_dpbusd_epi32(al[j][t], lo[j], b0);
+                ah[j][t] = _mm512_dpbusd_epi32(ah[j][t], hi[j], b1);
+              }
             }
           }
         }
 #pragma GCC unroll 64
         for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
-          for (int t = 0; t < MT; ++t) _mm512_store_si512(iacc + (j * MT + t) * 16, acc[j][t]);
+          for (int t = 0; t < MT; ++t) {
+            __m512i d = acc[0][j][t];
+#pragma GCC unroll 64
+            for (int c = 1; c < kKS * kLH; ++c) d = _mm512_add_epi32(d, acc[c][j][t]);
+            _mm512_store_si512(iacc + (j * MT + t) * 16, d);
+          }
         memory_barrier(iacc, facc);
         // The group's activation sums (per 32 k), after the k loop so that
         // nothing else competes for its registers.
@@ -109,36 +150,39 @@ struct Q4 {
 #pragma GCC unroll 64
           for (int t = 0; t < MT; ++t) {
             float* f = facc + (j * MT + t) * 16;
-            __m512i d = _mm512_load_si512(iacc + (j * MT + t) * 16);
-            if (!kMins) d = _mm512_sub_epi32(d, _mm512_set1_epi32(8 * asum[t]));
-            __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, _mm512_load_ps(f));
-            if (kMins) v = _mm512_fmadd_ps(_mm512_set1_ps(float(asum[t])), mn, v);
-            _mm512_store_ps(f, v);
+            _mm512_store_ps(f, group_step(_mm512_load_si512(iacc + (j * MT + t) * 16), sc, mn, asum[t],
+                                          _mm512_load_ps(f)));
           }
         }
       }
 #pragma GCC unroll 64
       for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t)
-          _mm512_store_ps(res + (j * MT + t) * 16,
-                          _mm512_mul_ps(_mm512_load_ps(facc + (j * MT + t) * 16), _mm512_set1_ps(tk.scale[t])));
+        for (int t = 0; t < MT; ++t) {
+          const __m512 f = _mm512_load_ps(facc + (j * MT + t) * 16);
+          _mm512_store_ps(res + (j * MT + t) * 16, _mm512_mul_ps(f, _mm512_set1_ps(tk.scale[t])));
+        }
+    }
+
+    // One group's int32 dot products into the fp32 accumulator, in the
+    // reference's operation order.
+    static inline __m512 group_step(__m512i d, __m512 sc, __m512 mn, int32_t asum, __m512 f) {
+      if (!kMins) d = _mm512_sub_epi32(d, _mm512_set1_epi32(8 * asum));
+      __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, f);
+      if (kMins) v = _mm512_fmadd_ps(_mm512_set1_ps(float(asum)), mn, v);
+      return v;
     }
   };
 };
 
 static_assert(kQ4GemmStreams % 2 == 0 && kQ4GemmStreams <= kMaxStreams && kQ4GemmTokens <= kMaxTileTokens &&
-                  2 * kQ4GemvGateUpBlocks <= 4 && kQ4GemvDownBlocks <= 4 && kQ4GemvWideDownBlocks <= kMaxStreams &&
-                  kQ4GemvMaxTokens <= 6 && kQ4GemvWideTokens <= 2,
+                  2 * kQ4GemvGateUpBlocks <= 4 && kQ4GemvDownBlocks <= 4 && kQ4GemvDownBlocksFew <= 4 &&
+                  kQ4GemvMaxTokens <= 6,
               "tile bounds (instantiated ranges below)");
 
 template <bool kMins>
 TileFn select_gemv(size_t ns, size_t mt) {
   return SelectTile<Q4<kMins>::template Tile, true, 4, kQ4GemvMaxTokens>::get(ns, mt);
-}
-template <bool kMins>
-TileFn select_gemv_wide(size_t ns, size_t mt) {
-  return SelectTile<Q4<kMins>::template Tile, true, kQ4GemvWideDownBlocks, kQ4GemvWideTokens>::get(ns, mt);
 }
 template <bool kMins>
 TileFn select_gemm_first(size_t ns, size_t mt) {
@@ -154,13 +198,9 @@ template <bool kMins>
 TilePlan plan_for(size_t tokens, size_t matrices) {
   if (tokens <= kQ4GemvMaxTokens) {
     if (matrices == 2)
-      return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvGateUpBlocks, tokens, kQ4GateUpPrefetchBytes};
-    if (tokens <= kQ4GemvWideTokens)
-      return TilePlan{select_gemv_wide<kMins>, select_gemv_wide<kMins>, kQ4GemvWideDownBlocks, tokens,
-                      kQ4DownPrefetchBytes};
-    if (tokens <= kQ4GemvMidTokens)
-      return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvDownBlocks, tokens, kQ4DownPrefetchBytes};
-    return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvNarrowDownBlocks, tokens, kQ4GateUpPrefetchBytes};
+      return TilePlan{select_gemv<kMins>, select_gemv<kMins>, kQ4GemvGateUpBlocks, tokens, kQ4GemvPrefetchBytes};
+    return TilePlan{select_gemv<kMins>, select_gemv<kMins>,
+                    tokens <= kQ4GemvFewTokens ? kQ4GemvDownBlocksFew : kQ4GemvDownBlocks, tokens, kQ4GemvPrefetchBytes};
   }
   return TilePlan{select_gemm_first<kMins>, select_gemm<kMins>, kQ4GemmStreams / matrices, kQ4GemmTokens};
 }

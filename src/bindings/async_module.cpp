@@ -66,7 +66,7 @@ void register_async_bindings(py::module_& m) {
            [](PyAsync& self, size_t tokens, uintptr_t x, int x_dtype, size_t x_stride, uintptr_t ids, bool ids_int64,
               size_t ids_stride, uintptr_t w, int w_dtype, size_t w_stride, uintptr_t mask, uintptr_t y, int y_dtype,
               size_t y_stride, uint32_t deferred, uintptr_t counts, bool persistent, bool use_stream, uintptr_t stream,
-              uintptr_t tokens_device) {
+              uintptr_t tokens_device, bool run_inline) {
              AsyncSubmitArgs a;
              a.tokens = tokens;
              a.x = addr<const void>(x);
@@ -88,6 +88,7 @@ void register_async_bindings(py::module_& m) {
              a.use_stream = use_stream;
              a.stream = addr<void>(stream);
              a.tokens_device = tokens_device ? addr<const void>(tokens_device) : nullptr;
+             a.run_inline = run_inline;
              py::gil_scoped_release nogil;
              self.async->submit(a);
            },
@@ -95,7 +96,7 @@ void register_async_bindings(py::module_& m) {
            py::arg("ids_int64"), py::arg("ids_stride"), py::arg("w"), py::arg("w_dtype"), py::arg("w_stride"),
            py::arg("mask"), py::arg("y"), py::arg("y_dtype"), py::arg("y_stride"), py::arg("deferred"),
            py::arg("counts"), py::arg("persistent"), py::arg("use_stream"), py::arg("stream"),
-           py::arg("tokens_device"))
+           py::arg("tokens_device"), py::arg("run_inline") = false)
       .def("sync",
            [](PyAsync& self, uintptr_t y, size_t y_stride) {
              py::gil_scoped_release nogil;

@@ -381,7 +381,10 @@ void AsyncLayer::submit(const AsyncSubmitArgs& a) {
     copy_rows(g->ids.data(), K * is, a.ids, a.ids_stride * is, K * is, T);
     copy_rows(g->w.data(), K * ws, a.weights, a.weights_stride * ws, K * ws, T);
     *s->tokens_field() = int64_t(T);
-    LayerQueue::instance().push(&s->main);
+    if (a.run_inline)
+      LayerQueue::instance().run_or_push(&s->main);
+    else
+      LayerQueue::instance().push(&s->main);
     if (p.deferred) LayerQueue::instance().push(&s->deferred);
   } else {
     const int kind = CudaRuntime::kMemcpyDefault;

@@ -83,6 +83,8 @@ struct AsyncSubmitArgs {
   bool use_stream = false;             // stream mode
   void* stream = nullptr;              // cudaStream_t (null = the legacy default stream)
   const void* tokens_device = nullptr; // stream mode, optional: int64 token count copied in stream order
+  bool run_inline = false;             // CPU mode: run the task on this thread now if the queue is idle
+                                       // (the caller syncs at once); see LayerQueue::run_or_push
 };
 
 class AsyncLayer {

@@ -22,21 +22,58 @@ LayerQueue::~LayerQueue() {
 void LayerQueue::push(QueuedTask* t) {
   if (t->busy.exchange(1, std::memory_order_acq_rel))
     throw std::logic_error("kt_kernel: a layer task was queued again before it finished");
-  t->next = nullptr;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!started_) {
-      started_ = true;
-      thread_ = std::thread([this] { run(); });
-    }
-    if (tail_)
-      tail_->next = t;
-    else
-      head_ = t;
-    tail_ = t;
-    queued_.fetch_add(1, std::memory_order_release);
+    enqueue_locked(t);
   }
   work_cv_.notify_one();
+}
+
+void LayerQueue::enqueue_locked(QueuedTask* t) {
+  t->next = nullptr;
+  if (!started_) {
+    started_ = true;
+    thread_ = std::thread([this] { run(); });
+  }
+  if (tail_)
+    tail_->next = t;
+  else
+    head_ = t;
+  tail_ = t;
+  queued_.fetch_add(1, std::memory_order_release);
+}
+
+bool LayerQueue::run_or_push(QueuedTask* t) {
+  if (t->busy.exchange(1, std::memory_order_acq_rel))
+    throw std::logic_error("kt_kernel: a layer task was queued again before it finished");
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (head_ || running_ || on_executor()) {
+      enqueue_locked(t);
+      t = nullptr;
+    } else {
+      running_ = true;
+    }
+  }
+  if (!t) {
+    work_cv_.notify_one();
+    return false;
+  }
+  t->fn(t->arg);
+  finish(t);
+  return true;
+}
+
+void LayerQueue::finish(QueuedTask* t) {
+  {
+    // Under the mutex, so a waiter between its check and its sleep cannot
+    // miss the notification.
+    std::lock_guard<std::mutex> lock(mutex_);
+    t->busy.store(0, std::memory_order_release);
+    running_ = false;
+  }
+  done_cv_.notify_all();
+  work_cv_.notify_one();  // tasks queued while an inline task ran
 }
 
 void LayerQueue::wait(QueuedTask* t) {
@@ -62,21 +99,16 @@ void LayerQueue::run() {
     QueuedTask* t;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      work_cv_.wait(lock, [&] { return stop_ || head_ != nullptr; });
+      work_cv_.wait(lock, [&] { return (stop_ && !running_) || (head_ != nullptr && !running_); });
       if (!head_) return;  // stop requested and nothing left
       t = head_;
       queued_.fetch_sub(1, std::memory_order_relaxed);
       head_ = t->next;
       if (!head_) tail_ = nullptr;
+      running_ = true;
     }
     t->fn(t->arg);
-    {
-      // Under the mutex, so a waiter between its check and its sleep cannot
-      // miss the notification.
-      std::lock_guard<std::mutex> lock(mutex_);
-      t->busy.store(0, std::memory_order_release);
-    }
-    done_cv_.notify_all();
+    finish(t);
   }
 }
 

@@ -128,3 +128,26 @@ def test_deferral_with_layers_of_one_parity(weights, stream):
         fake.wait_idle(stream)
     ref = [np.array(wr.forward(*inp)) for wr, inp in zip(plain, xs)]
     np.testing.assert_allclose(sum(got), sum(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [0, 2])
+def test_forward_while_another_layer_is_pending(backend, weights, d):
+    """forward() runs a layer on the calling thread only when no other layer task is queued; with
+    layer 0 submitted but not synced, layer 1's forward goes behind it and both results are exact."""
+    x, ids, w = make_inputs(11, H, E, K, seed=7)
+    x2, ids2, w2 = make_inputs(11, H, E, K, seed=8)
+    ref0 = np.array(_layer(weights, 0, 0).forward(x, ids, w))
+    ref1 = np.array(_layer(weights, 1, 0).forward(x2, ids2, w2))
+    l0, l1 = _layer(weights, 0, d), _layer(weights, 1, 0)
+    l0.submit_forward(x, ids, w)
+    y1 = np.array(l1.forward(x2, ids2, w2))
+    y0 = np.array(l0.sync_forward(x))
+    if d == 0:
+        assert np.array_equal(y0, ref0)
+        assert np.array_equal(y1, ref1)
+    else:  # layer 1 carries layer 0's deferred pairs
+        main, deferred = _split(ids, w, d)
+        plain0 = _layer(weights, 0, 0)
+        assert np.array_equal(y0, np.array(plain0.forward(x, main, w)))
+        assert np.array_equal(y1, ref1 + np.array(plain0.forward(x, deferred, w)))
+    assert kt_kernel.last_used_backend() == backend
