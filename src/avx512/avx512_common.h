@@ -261,9 +261,11 @@ static inline void set_geometry(const PackedMatrixView& w, Streams* s) {
 // streams of a group's tiles are blocks [b, b + nb) of matrix 0, then of
 // matrix 1, and its token tiles follow one another over the same blocks.
 // epi(b, nb, t0, mt, res) consumes each tile's results.
-template <class Epilogue>
+// pre(b, nb, t0, mt) runs before each tile (the down epilogue's prefetch of
+// the output rows it will add into).
+template <class Pre, class Epilogue>
 static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, size_t nmats, size_t bb, size_t be,
-                         const ActsView& a, Epilogue epi) {
+                         const ActsView& a, Pre pre, Epilogue epi) {
   const size_t m = a.rows;
   if (m == 0 || bb >= be) return;
   Streams s;
@@ -292,6 +294,7 @@ static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, siz
         s.pf_line = mats[k / next_nb].weights + (b + nb + k % next_nb) * bytes;
       }
       fill_tokens(a, t0, mt, &tk);
+      pre(b, nb, t0, mt);
       (tile ? plan.rest : plan.first)(ns, mt)(s, tk, res);
       epi(b, nb, t0, mt, res);
     }
@@ -305,7 +308,8 @@ static inline void drive_gate_up(const TilePlan& plan, const PackedMatrixView& g
   const Act512 act = make_act512(p);
   const size_t rows = gate.geo.rows;
   const PackedMatrixView mats[2] = {gate, up};
-  drive(plan, mats, 2, bb, be, a, [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
+  drive(plan, mats, 2, bb, be, a, [](size_t, size_t, size_t, size_t) {},
+        [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
     for (size_t j = 0; j < nb; ++j) {
       const size_t n0 = (b + j) * kRowBlock;
       const __mmask16 mask = rows_mask(n0, rows);
@@ -323,7 +327,17 @@ static inline void drive_gate_up(const TilePlan& plan, const PackedMatrixView& g
 static inline void drive_down(const TilePlan& plan, const PackedMatrixView& w, size_t bb, size_t be,
                               const ActsView& a, const float* row_weight, float* const* out_rows) {
   const size_t rows = w.geo.rows;
-  drive(plan, &w, 1, bb, be, a, [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
+  // Prefill: the rows are spread over the whole output (one per token of
+  // the expert) and long out of cache by the time the next expert adds into
+  // them; prefetched while the tile computes, their read-modify-write costs
+  // nothing (INT8 down at 1024 tokens, 1 thread: about 8 percent faster).
+  auto pre = [&](size_t b, size_t nb, size_t t0, size_t mt) {
+    for (size_t t = 0; t < mt; ++t) {
+      const float* o = out_rows[t0 + t] + b * kRowBlock;
+      for (size_t j = 0; j < nb; ++j) _mm_prefetch(reinterpret_cast<const char*>(o + j * kRowBlock), _MM_HINT_T0);
+    }
+  };
+  drive(plan, &w, 1, bb, be, a, pre, [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
     for (size_t j = 0; j < nb; ++j) {
       const size_t n0 = (b + j) * kRowBlock;
       const __mmask16 mask = rows_mask(n0, rows);
