@@ -308,8 +308,8 @@ static inline void drive_gate_up(const TilePlan& plan, const PackedMatrixView& g
   const Act512 act = make_act512(p);
   const size_t rows = gate.geo.rows;
   const PackedMatrixView mats[2] = {gate, up};
-  drive(plan, mats, 2, bb, be, a, [](size_t, size_t, size_t, size_t) {},
-        [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
+  auto no_pre = [](size_t, size_t, size_t, size_t) {};
+  drive(plan, mats, 2, bb, be, a, no_pre, [&](size_t b, size_t nb, size_t t0, size_t mt, const float* res) {
     for (size_t j = 0; j < nb; ++j) {
       const size_t n0 = (b + j) * kRowBlock;
       const __mmask16 mask = rows_mask(n0, rows);
@@ -330,7 +330,7 @@ static inline void drive_down(const TilePlan& plan, const PackedMatrixView& w, s
   // Prefill: the rows are spread over the whole output (one per token of
   // the expert) and long out of cache by the time the next expert adds into
   // them; prefetched while the tile computes, their read-modify-write costs
-  // nothing (INT8 down at 1024 tokens, 1 thread: about 8 percent faster).
+  // little (INT8 down at 1024 tokens, 1 thread: 32.6 -> 30.6 ms).
   auto pre = [&](size_t b, size_t nb, size_t t0, size_t mt) {
     for (size_t t = 0; t < mt; ++t) {
       const float* o = out_rows[t0 + t] + b * kRowBlock;
