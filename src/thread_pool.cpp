@@ -206,17 +206,31 @@ void ThreadPool::worker_main(int thread, bool pin) {
 
 uint64_t ThreadPool::wait_for_next_job(uint64_t seen) {
   auto published = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-  if (!spin_until(published, oversubscribed_, kWorkerSpinBudget)) {
+  while (!spin_until(published, oversubscribed_, kWorkerSpinBudget)) {
     sleeping_.fetch_add(1);
+    // Read after announcing the sleep: a wake() that saw this sleeper bumps
+    // the epoch after this load, and the predicate below sees it.
+    const uint64_t epoch = wake_epoch_.load();
+    bool job_or_stop;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
+      wake_.wait(lock, [&] { return stop_ || generation_.load() != seen || wake_epoch_.load() != epoch; });
+      job_or_stop = stop_ || generation_.load() != seen;
     }
     sleeping_.fetch_sub(1);
+    if (job_or_stop) break;
+    early_wakeups_.fetch_add(1, std::memory_order_relaxed);  // woken by wake(): spin again
   }
   // Exactly seen + 1: the caller waits for every worker before it can
   // publish again.
   return generation_.load(std::memory_order_acquire);
+}
+
+void ThreadPool::wake() {
+  if (sleeping_.load() == 0) return;
+  wake_epoch_.fetch_add(1);
+  { std::lock_guard<std::mutex> lock(mutex_); }  // a sleeper between its check and its wait gets the notification
+  wake_.notify_all();
 }
 
 void ThreadPool::wait_for_workers() {

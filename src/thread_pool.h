@@ -70,6 +70,15 @@ class ThreadPool {
   // serialised.
   void parallel_for(size_t num_tasks, FunctionRef<void(size_t task, int thread)> fn);
 
+  // Gets sleeping workers back to spinning, for a caller that will publish a
+  // job shortly, after some serial work of its own (a layer call: argument
+  // checks, input copies, routing); the wake-up, ~25 us in a VM, then
+  // overlaps that work instead of delaying the job. Cheap when none sleeps.
+  void wake();
+  // For tests: workers asleep now; sleeps ended by wake() so far.
+  int sleeping_workers() const { return sleeping_.load(); }
+  uint64_t early_wakeups() const { return early_wakeups_.load(); }
+
   // Sub-pool s has counts[s] tasks of its own (counts: num_subpools()
   // entries, read during the call). Each thread runs its own sub-pool's
   // tasks first, then helps the others. fn(subpool, task, thread). Same
@@ -101,6 +110,8 @@ class ThreadPool {
   std::condition_variable done_;  // caller: busy_workers_ reached 0
   // Written by the caller when it publishes a job, read by spinning workers.
   alignas(64) std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> wake_epoch_{0};  // bumped by wake(): sleepers go back to spinning
+  std::atomic<uint64_t> early_wakeups_{0};
   std::atomic<Job*> job_{nullptr};
   std::atomic<int> sleeping_{0};
   std::atomic<int> caller_cpu_{-1};  // CPU the caller published the job from

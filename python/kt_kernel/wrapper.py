@@ -271,6 +271,8 @@ class KTMoEWrapper:
     def forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0):
         """submit_forward then sync_forward (in CPU mode the work runs on this thread when no other
         layer's task is queued, saving two thread hand-offs)."""
+        if not cuda_stream:
+            self._pool.wake()  # the workers' wake-up overlaps the argument checks below
         with self._lock:
             _async.submit(self, hidden_states, topk_ids, topk_weights, cuda_stream, run_inline=True)
             return _async.sync(self, hidden_states, cuda_stream)
@@ -288,6 +290,8 @@ class KTMoEWrapper:
         the work runs, is the number of leading rows to compute (the rest of
         the output is zero).
         """
+        if not cuda_stream:
+            self._pool.wake()
         with self._lock:
             _async.submit(self, hidden_states, topk_ids, topk_weights, cuda_stream, num_tokens)
 

@@ -254,6 +254,7 @@ PYBIND11_MODULE(_kt_kernel, m) {
       .def_property_readonly("num_threads", &ThreadPool::num_threads)
       .def_property_readonly("num_subpools", &ThreadPool::num_subpools)
       .def_property_readonly("numa_nodes", &ThreadPool::subpool_numa_nodes)
+      .def("wake", &ThreadPool::wake, "Gets sleeping workers spinning ahead of a job (a layer call about to start)")
       .def("run_empty_jobs", [](ThreadPool& p, size_t n) {
         // Dispatch-latency probe for the bench: n empty jobs of one task per thread.
         py::gil_scoped_release nogil;

@@ -149,6 +149,41 @@ TEST(ThreadPool, JobsAfterWorkersFellAsleep) {
   }
 }
 
+// Polls cond for up to 5 s (a generous bound for a loaded CI machine: the
+// test asserts on states, not on how fast they are reached).
+template <class Cond>
+bool eventually(Cond cond) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until) {
+    if (cond()) return true;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return cond();
+}
+
+TEST(ThreadPool, WakeGetsSleepersSpinningAndTheyFallAsleepAgain) {
+  ThreadPool pool(3, {first_node()}, false);
+  pool.parallel_for(3, [](size_t, int) {});  // workers started and past their first job
+  ASSERT_TRUE(eventually([&] { return pool.sleeping_workers() == 2; }));
+  const uint64_t before = pool.early_wakeups();
+  pool.wake();
+  // Both leave their sleep (to spin), then, with no job coming, sleep again.
+  EXPECT_TRUE(eventually([&] { return pool.early_wakeups() == before + 2; }));
+  EXPECT_TRUE(eventually([&] { return pool.sleeping_workers() == 2; }));
+  // Woken, then a job: every task still runs exactly once; wake() with
+  // nobody asleep is a no-op.
+  for (int rep = 0; rep < 50; ++rep) {
+    pool.wake();
+    if (rep % 10 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));
+    HitCounter c(32);
+    pool.parallel_for(32, [&](size_t task, int thread) {
+      c.hits[task].fetch_add(1);
+      if (thread < 0 || thread >= 3) c.bad_thread.fetch_add(1);
+    });
+    c.expect_each_once("after wake, rep " + std::to_string(rep));
+  }
+}
+
 TEST(ThreadPool, ExceptionReachesCallerAndPoolStaysUsable) {
   for (int threads : {1, 2, 3, 8}) {
     ThreadPool pool(threads, {first_node()}, false);
