@@ -1,12 +1,14 @@
 // The one ordered queue of layer tasks (DESIGN.md "Threads and async").
 //
 // A single process-wide executor thread runs queued tasks first in, first
-// out; it is the worker pool's caller thread for every layer task, so layer
-// tasks never overlap and their order is the order they were queued. Queuing
-// returns at once: this is what lets submit_forward return before the CPU
-// work runs, and what expert deferral relies on (a layer's deferred task is
-// queued before the next layer's main task, so it has finished when that task
-// runs).
+// out, as the worker pool's caller thread, so layer tasks never overlap and
+// their order is the order they were queued. Queuing returns at once: this is
+// what lets submit_forward return before the CPU work runs, and what expert
+// deferral relies on (a layer's deferred task is queued before the next
+// layer's main task, so it has finished when that task runs). A caller that
+// would wait at once (forward = submit + sync) may instead run its task
+// itself through run_or_push, which does so only when nothing is queued or
+// running, so the order and the no-overlap rule are the same.
 //
 // Tasks are intrusive, owned by the caller and reused: pushing allocates
 // nothing, so the path a CUDA graph replays (a host function that pushes)
