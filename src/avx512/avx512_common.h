@@ -192,6 +192,73 @@ struct Tokens {
 
 using TileFn = void (*)(const Streams&, const Tokens&, float* res);
 
+// The k loop of the 4-k-per-step tiles (INT8 u8 x s8 with vpdpbusd, BF16
+// with vdpbf16ps): steps [i0, i1) of NS weight streams against MT broadcast
+// activation quads, each weight step loaded once for all tokens, consecutive
+// steps going round-robin to KS accumulator sets (i1 - i0 is a multiple of
+// KS). Dot supplies the accumulator type and the dot instruction.
+struct DotU8S8 {
+  using Acc = __m512i;
+  static inline Acc zero() { return _mm512_setzero_si512(); }
+  static inline Acc dot(Acc acc, __m512i act, __m512i w) { return _mm512_dpbusd_epi32(acc, act, w); }
+};
+struct DotBf16 {
+  using Acc = __m512;
+  static inline Acc zero() { return _mm512_setzero_ps(); }
+  static inline Acc dot(Acc acc, __m512i act, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)act); }
+};
+
+template <class Dot, int KS, int NS, int MT>
+static inline void zero_acc(typename Dot::Acc (&acc)[KS][NS][MT]) {
+#pragma GCC unroll 64
+  for (int c = 0; c < KS; ++c)
+#pragma GCC unroll 64
+    for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+      for (int t = 0; t < MT; ++t) acc[c][j][t] = Dot::zero();
+}
+
+// Accumulator sets for a tile of NS x MT accumulators: with fewer than 8 the
+// k loop would wait on the dot instruction's latency (decode with one
+// stream), so consecutive steps go round-robin to KS sets, summed at the
+// end. A block has a multiple of 16 steps (rows padded to 64 k), so KS (1, 2,
+// 4 or 8) divides it.
+template <int NS, int MT>
+struct DotChains {
+  static constexpr int kKS = NS * MT >= 8 ? 1 : (NS * MT >= 4 ? 2 : (NS * MT >= 2 ? 4 : 8));
+};
+
+template <class Dot, bool PF, int KS, int NS, int MT>
+__attribute__((always_inline)) static inline void dot_steps(const Streams& s, const Tokens& tk, size_t i0, size_t i1,
+                                                            typename Dot::Acc (&acc)[KS][NS][MT]) {
+  const uint8_t* w[NS];
+  const uint8_t* a[MT];
+#pragma GCC unroll 64
+  for (int j = 0; j < NS; ++j) w[j] = s.w[j];
+#pragma GCC unroll 64
+  for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+  for (size_t i = i0; i < i1; i += KS) {
+#pragma GCC unroll 8
+    for (int ks = 0; ks < KS; ++ks) {
+      const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 4;
+      const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
+      if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+      __m512i wv[NS];
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j) {
+        wv[j] = _mm512_loadu_si512(w[j] + wo);
+        if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
+      }
+#pragma GCC unroll 64
+      for (int t = 0; t < MT; ++t) {
+        const __m512i b = bcast32(a[t] + ao);
+#pragma GCC unroll 64
+        for (int j = 0; j < NS; ++j) acc[ks][j][t] = Dot::dot(acc[ks][j][t], b, wv[j]);
+      }
+    }
+  }
+}
+
 // Run-time (streams, tokens) -> the tile kernel instantiated for them.
 // K<NS, MT, PF>::run is a format's tile kernel for NS streams and MT
 // tokens; PF selects the variant that streams its weights from memory (each

@@ -38,54 +38,15 @@ constexpr size_t kBf16GemmTokens = 6;
 constexpr size_t kBf16GemmGateUpBlocks = 2;
 constexpr size_t kBf16GemmDownBlocks = 4;
 
-// Tiles with fewer than 8 accumulators (decode with one stream) would wait on
-// the latency of vdpbf16ps: they round-robin consecutive steps over kKS
-// accumulator sets, added at the end (a block has a multiple of 16 steps, so
-// kKS divides it). The sum order then differs from the reference's by a
-// few ulp, inside the 1e-5 bound of the floating formats.
-template <int NS, int MT>
-struct Bf16Chains {
-  static constexpr int kKS = NS * MT >= 8 ? 1 : (NS * MT >= 4 ? 2 : (NS * MT >= 2 ? 4 : 8));
-};
-
 template <int NS, int MT, bool PF>
 struct TileBf16 {
-  static constexpr int kKS = Bf16Chains<NS, MT>::kKS;
+  // Accumulator sets (DotChains): the sum order differs from the
+  // reference's by a few ulp, inside the 1e-5 bound of the floating formats.
+  static constexpr int kKS = DotChains<NS, MT>::kKS;
   static void run(const Streams& s, const Tokens& tk, float* res) {
     __m512 acc[kKS][NS][MT];
-#pragma GCC unroll 64
-    for (int c = 0; c < kKS; ++c)
-#pragma GCC unroll 64
-      for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) acc[c][j][t] = _mm512_setzero_ps();
-    const uint8_t* w[NS];
-    const uint8_t* a[MT];
-#pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j) w[j] = s.w[j];
-#pragma GCC unroll 64
-    for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
-    const size_t steps = s.steps;
-    for (size_t i = 0; i < steps; i += kKS) {
-#pragma GCC unroll 8
-      for (int ks = 0; ks < kKS; ++ks) {
-        const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 4;
-        const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-        if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
-        __m512bh wv[NS];
-#pragma GCC unroll 64
-        for (int j = 0; j < NS; ++j) {
-          wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + wo);
-          if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
-        }
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) {
-          const __m512bh b = (__m512bh)bcast32(a[t] + ao);
-#pragma GCC unroll 64
-          for (int j = 0; j < NS; ++j) acc[ks][j][t] = _mm512_dpbf16_ps(acc[ks][j][t], wv[j], b);
-        }
-      }
-    }
+    zero_acc<DotBf16>(acc);
+    dot_steps<DotBf16, PF>(s, tk, 0, s.steps, acc);
     // Pairwise, so the order is fixed by kKS alone.
 #pragma GCC unroll 8
     for (int half = kKS / 2; half >= 1; half /= 2)

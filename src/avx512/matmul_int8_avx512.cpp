@@ -41,53 +41,13 @@ constexpr size_t kQ8GemmTokens = 6;
 constexpr size_t kQ8GemmGateUpBlocks = 2;
 constexpr size_t kQ8GemmDownBlocks = 4;
 
-// Tiles with fewer than 8 accumulators (decode with one stream) would wait on
-// the latency of vpdpbusd: they round-robin consecutive steps over kKS
-// accumulator sets, summed at the end (exact: integer sums). A block has a
-// multiple of 16 steps (rows padded to 64 k), so kKS (1, 2, 4 or 8) divides it.
-template <int NS, int MT>
-struct Q8Chains {
-  static constexpr int kKS = NS * MT >= 8 ? 1 : (NS * MT >= 4 ? 2 : (NS * MT >= 2 ? 4 : 8));
-};
-
 template <int NS, int MT, bool PF>
 struct TileQ8 {
-  static constexpr int kKS = Q8Chains<NS, MT>::kKS;
+  static constexpr int kKS = DotChains<NS, MT>::kKS;  // accumulator sets, exact in any order
   static void run(const Streams& s, const Tokens& tk, float* res) {
     __m512i acc[kKS][NS][MT];
-#pragma GCC unroll 64
-    for (int c = 0; c < kKS; ++c)
-#pragma GCC unroll 64
-      for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) acc[c][j][t] = _mm512_setzero_si512();
-    const uint8_t* w[NS];
-    const uint8_t* a[MT];
-#pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j) w[j] = s.w[j];
-#pragma GCC unroll 64
-    for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
-    const size_t steps = s.steps;
-    for (size_t i = 0; i < steps; i += kKS) {
-#pragma GCC unroll 8
-      for (int ks = 0; ks < kKS; ++ks) {
-        const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 4;
-        const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-        if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
-        __m512i wv[NS];
-#pragma GCC unroll 64
-        for (int j = 0; j < NS; ++j) {
-          wv[j] = _mm512_loadu_si512(w[j] + wo);
-          if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
-        }
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) {
-          const __m512i b = bcast32(a[t] + ao);
-#pragma GCC unroll 64
-          for (int j = 0; j < NS; ++j) acc[ks][j][t] = _mm512_dpbusd_epi32(acc[ks][j][t], b, wv[j]);
-        }
-      }
-    }
+    zero_acc<DotU8S8>(acc);
+    dot_steps<DotU8S8, PF>(s, tk, 0, s.steps, acc);
 #pragma GCC unroll 64
     for (int c = 1; c < kKS; ++c)
 #pragma GCC unroll 64
@@ -144,41 +104,16 @@ struct TileQ8G {
     alignas(64) int32_t iacc[NS * MT * 16];
 #pragma GCC unroll 64
     for (int i = 0; i < NS * MT; ++i) _mm512_store_ps(facc + i * 16, _mm512_setzero_ps());
-    const uint8_t* w[NS];
-    const uint8_t* a[MT];
-#pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j) w[j] = s.w[j];
-#pragma GCC unroll 64
-    for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
     const size_t gsteps = s.group_steps;
     size_t i = 0;
-    for (size_t g = 0; g < s.groups; ++g) {
-      __m512i acc[NS][MT];
+    for (size_t g = 0; g < s.groups; ++g, i += gsteps) {
+      __m512i acc[1][NS][MT];
+      zero_acc<DotU8S8>(acc);
+      dot_steps<DotU8S8, PF>(s, tk, i, i + gsteps, acc);
 #pragma GCC unroll 64
       for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) acc[j][t] = _mm512_setzero_si512();
-      for (const size_t end = i + gsteps; i < end; ++i) {
-        const size_t wo = i * kStepBytes, ao = i * 4;
-        const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-        if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
-        __m512i wv[NS];
-#pragma GCC unroll 64
-        for (int j = 0; j < NS; ++j) {
-          wv[j] = _mm512_loadu_si512(w[j] + wo);
-          if (PF) _mm_prefetch(reinterpret_cast<const char*>(w[j] + pfo), _MM_HINT_T0);
-        }
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) {
-          const __m512i b = bcast32(a[t] + ao);
-#pragma GCC unroll 64
-          for (int j = 0; j < NS; ++j) acc[j][t] = _mm512_dpbusd_epi32(acc[j][t], b, wv[j]);
-        }
-      }
-#pragma GCC unroll 64
-      for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) _mm512_store_si512(iacc + (j * MT + t) * 16, acc[j][t]);
+        for (int t = 0; t < MT; ++t) _mm512_store_si512(iacc + (j * MT + t) * 16, acc[0][j][t]);
       memory_barrier(iacc, facc);
 #pragma GCC unroll 64
       for (int j = 0; j < NS; ++j) {
