@@ -437,7 +437,10 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     for (size_t t = r0; t < r1; ++t) {
       row_to_f32(static_cast<const uint8_t*>(args.x) + (t0 + t) * args.x_stride * dtype_size(args.x_dtype), args.x_dtype,
                  H, xf + t * H);
-      for (int s = 0; s < S; ++s) std::memset(ybuf + (size_t(s) * T + t) * ldy, 0, H * sizeof(float));
+      // With pairs to compute, each down task zeroes its own columns instead
+      // (below), so the lines it adds into start in its own core's cache.
+      if (P == 0)
+        for (int s = 0; s < S; ++s) std::memset(ybuf + (size_t(s) * T + t) * ldy, 0, H * sizeof(float));
     }
     ActsBuffer b = sc.qx.buffer;
     b.data += r0 * b.row_bytes;
@@ -520,6 +523,8 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     pool_.parallel_for_subpools(counts.data(), [&](int s, size_t i, int) {
       const Slice& sl = *slices_[size_t(s)];
       const DownTask& tk = sc.down_tasks[size_t(s)][i];
+      const size_t c0 = size_t(tk.block_begin) * kRowBlock, c1 = std::min<size_t>(H, size_t(tk.block_end) * kRowBlock);
+      for (size_t t = 0; t < T; ++t) std::memset(ybuf + (size_t(s) * T + t) * ldy + c0, 0, (c1 - c0) * sizeof(float));
       for (int32_t e : rt.active_by_id) {
         const size_t off = size_t(rt.offset[size_t(e)]);
         const ActsView a = sc.hq.view(scheme, off, size_t(rt.count[size_t(e)]), sl.begin, nullptr);
