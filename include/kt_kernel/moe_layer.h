@@ -134,4 +134,16 @@ class MoeLayer {
   std::vector<float> capture_;
 };
 
+// Wall time of each step of a layer pass (moe_layer.cpp's steps 1-6),
+// summed over every pass of every layer since the last reset: where a call's
+// time goes (routing, encoding x, gate/up, encoding the intermediate, down,
+// combine). Always on: six clock reads per pass.
+enum LayerPhase { kPhaseRouting, kPhaseEncodeX, kPhaseGateUp, kPhaseEncodeH, kPhaseDown, kPhaseCombine, kNumPhases };
+struct LayerPhaseTimes {
+  double seconds[kNumPhases] = {};
+  uint64_t passes = 0;
+};
+// The totals so far; with reset, also starts them again from zero.
+LayerPhaseTimes layer_phase_times(bool reset);
+
 }  // namespace kt

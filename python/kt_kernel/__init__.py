@@ -27,6 +27,7 @@ __all__ = [
     "set_backend",
     "current_backend",
     "last_used_backend",
+    "phase_times",
 ]
 
 
@@ -58,3 +59,10 @@ def current_backend() -> str:
 def last_used_backend() -> str:
     """The backend whose kernels ran in the most recent layer call ("" if none)."""
     return _kt_kernel.last_used_backend()
+
+
+def phase_times(reset: bool = False) -> dict:
+    """Where layer calls spend their time: seconds summed over every internal pass of every layer
+    since the last reset, per step (routing, encode_x, gate_up, encode_h, down, combine), and the
+    pass count ("passes"). reset=True also starts the totals again. See bench/phase_profile.py."""
+    return dict(_kt_kernel.phase_times(reset))

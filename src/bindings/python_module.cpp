@@ -226,6 +226,22 @@ void register_async_bindings(py::module_& m);  // async_module.cpp
 PYBIND11_MODULE(_kt_kernel, m) {
   m.doc() = "kt_kernel native module (use the kt_kernel package, not this module)";
   m.attr("PACKED_LAYOUT_VERSION") = kPackedLayoutVersion;
+  m.def(
+      "phase_times",
+      [](bool reset) {
+        LayerPhaseTimes t;
+        {
+          py::gil_scoped_release nogil;  // waits for a running layer
+          t = layer_phase_times(reset);
+        }
+        static const char* names[kNumPhases] = {"routing", "encode_x", "gate_up", "encode_h", "down", "combine"};
+        py::dict d;
+        for (int i = 0; i < kNumPhases; ++i) d[names[i]] = t.seconds[i];
+        d["passes"] = t.passes;
+        return d;
+      },
+      py::arg("reset") = false,
+      "Seconds spent in each step of the layer passes run so far (all layers), and the pass count");
   m.def("cpu_info", &cpu_info);
   m.def("backends", &available_backends);
   m.def("known_backends", &known_backends);

@@ -14,6 +14,7 @@
 #include "kt_kernel/moe_layer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -136,12 +137,28 @@ struct Scratch {
   std::vector<std::vector<DownTask>> down_tasks;
   std::vector<float*> out_rows;
   std::vector<size_t> task_counts;
+  LayerPhaseTimes phases;  // under mutex
 };
 
 Scratch& scratch() {
   static Scratch s;
   return s;
 }
+
+// Adds the time since the previous mark to one phase's total.
+class PhaseClock {
+ public:
+  explicit PhaseClock(LayerPhaseTimes& t) : t_(t), last_(std::chrono::steady_clock::now()) {}
+  void mark(LayerPhase p) {
+    const auto now = std::chrono::steady_clock::now();
+    t_.seconds[p] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  LayerPhaseTimes& t_;
+  std::chrono::steady_clock::time_point last_;
+};
 
 // Task boundaries fall on multiples of this many row blocks (every kernel's
 // group of blocks per tile divides it), so a block's tile, and with it the
@@ -416,6 +433,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
   Scratch& sc = scratch();
   Routing& rt = sc.routing;
 
+  PhaseClock clock(sc.phases);
   // 1. Routing (reads ids and weights once; nothing else reads them later).
   const int64_t missing = build_routing(args, t0, T, cfg_.num_experts, K, loaded_.data(), &rt);
   if (missing >= 0)
@@ -423,6 +441,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
                              " is routed to the CPU but its weights were not loaded (it was marked as GPU-resident at load time)");
   const size_t P = rt.pairs;
 
+  clock.mark(kPhaseRouting);
   // 2. x -> fp32 -> format encoding; zero the slices' partial outputs.
   const size_t ldy = H;
   sc.xf.ensure(T * H * sizeof(float));
@@ -449,6 +468,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     fk.prepare_acts(xf + r0 * H, r1 - r0, H, H, b);
   });
 
+  clock.mark(kPhaseEncodeX);
   if (P > 0) {
     // 3. gate/up: tasks sized so that every thread gets several, large experts first.
     const size_t ldh = I;
@@ -486,6 +506,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
       for (size_t p = 0; p < P; ++p)
         std::memcpy(&capture_[(t0 * K + size_t(rt.pair_slot[p])) * I], h + p * ldh, I * sizeof(float));
 
+    clock.mark(kPhaseGateUp);
     // 4. Encode the intermediate, one row per pair.
     sc.hq.reserve(scheme, P, I);
     const size_t pairs_per_task = std::max<size_t>(1, (P + size_t(threads) * 4 - 1) / (size_t(threads) * 4));
@@ -498,6 +519,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
       fk.prepare_acts(h + p0 * ldh, p1 - p0, I, ldh, b);
     });
 
+    clock.mark(kPhaseEncodeH);
     // 5. down + weighted combine into each slice's partial output.
     sc.out_rows.resize(size_t(S) * P);
     for (int s = 0; s < S; ++s)
@@ -534,6 +556,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     });
   }
 
+  clock.mark(kPhaseDown);
   // 6. Sum slices, convert to the caller's dtype.
   pool_.parallel_for(row_tasks, [&](size_t task, int) {
     const size_t r0 = task * rows_per_task, r1 = std::min(T, r0 + rows_per_task);
@@ -546,6 +569,16 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
       row_from_f32(y0, H, static_cast<uint8_t*>(args.y) + (t0 + t) * args.y_stride * dtype_size(args.y_dtype), args.y_dtype);
     }
   });
+  clock.mark(kPhaseCombine);
+  ++sc.phases.passes;
+}
+
+LayerPhaseTimes layer_phase_times(bool reset) {
+  Scratch& sc = scratch();
+  std::lock_guard<std::mutex> lock(sc.mutex);
+  const LayerPhaseTimes t = sc.phases;
+  if (reset) sc.phases = LayerPhaseTimes();
+  return t;
 }
 
 }  // namespace kt

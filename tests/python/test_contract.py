@@ -5,6 +5,7 @@ NUMA-split invariance, internal chunking."""
 from __future__ import annotations
 
 import inspect
+import time
 
 import numpy as np
 import pytest
@@ -213,3 +214,23 @@ def test_generate_gpu_experts_masks():
     assert isinstance(m_np, np.ndarray) and m_np.sum() == 2 and m_np[1, 1] and m_np[0, 0]
     ties = kt_kernel.generate_gpu_experts_masks(np.ones((2, 2)), 1)
     assert ties.tolist() == [[True, False], [False, False]]
+
+
+def test_phase_times_account_for_passes_and_reset(backend, weights):
+    """phase_times counts every internal pass (a call over more tokens than one pass runs several)
+    and the time of each step; reset starts from zero."""
+    wr = _wrapper(weights)
+    x, ids, w = make_inputs(5, H, E, K)
+    kt_kernel.phase_times(reset=True)
+    t0 = time.perf_counter()
+    wr.forward(x, ids, w)
+    wall = time.perf_counter() - t0
+    pt = kt_kernel.phase_times(reset=True)
+    assert pt["passes"] == 1
+    steps = [pt[s] for s in ("routing", "encode_x", "gate_up", "encode_h", "down", "combine")]
+    assert all(v >= 0 for v in steps) and pt["gate_up"] > 0 and pt["down"] > 0
+    assert sum(steps) <= wall  # the steps are parts of the call
+    assert kt_kernel.phase_times()["passes"] == 0
+    big = make_inputs(2500, H, E, K)  # over the 1024-token pass
+    wr.forward(*big)
+    assert kt_kernel.phase_times()["passes"] == 3
