@@ -218,6 +218,16 @@ static inline void zero_acc(typename Dot::Acc (&acc)[KS][NS][MT]) {
       for (int t = 0; t < MT; ++t) acc[c][j][t] = Dot::zero();
 }
 
+// Local copies of a tile's stream and token pointers (kept in registers
+// through the k loop).
+template <int NS, int MT>
+static inline void tile_pointers(const Streams& s, const Tokens& tk, const uint8_t* (&w)[NS], const uint8_t* (&a)[MT]) {
+#pragma GCC unroll 64
+  for (int j = 0; j < NS; ++j) w[j] = s.w[j];
+#pragma GCC unroll 64
+  for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+}
+
 // Accumulator sets for a tile of NS x MT accumulators: with fewer than 8 the
 // k loop would wait on the dot instruction's latency (decode with one
 // stream), so consecutive steps go round-robin to KS sets, summed at the
@@ -233,10 +243,7 @@ __attribute__((always_inline)) static inline void dot_steps(const Streams& s, co
                                                             typename Dot::Acc (&acc)[KS][NS][MT]) {
   const uint8_t* w[NS];
   const uint8_t* a[MT];
-#pragma GCC unroll 64
-  for (int j = 0; j < NS; ++j) w[j] = s.w[j];
-#pragma GCC unroll 64
-  for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+  tile_pointers(s, tk, w, a);
   for (size_t i = i0; i < i1; i += KS) {
 #pragma GCC unroll 8
     for (int ks = 0; ks < KS; ++ks) {

@@ -63,10 +63,7 @@ struct TileFp8 {
     const Fp8Decoder dec;
     const uint8_t* w[NS];
     const uint8_t* a[MT];
-#pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j) w[j] = s.w[j];
-#pragma GCC unroll 64
-    for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+    tile_pointers(s, tk, w, a);
     const size_t gsteps = s.group_steps;
     size_t i = 0;
     for (size_t g = 0; g < s.groups; ++g) {

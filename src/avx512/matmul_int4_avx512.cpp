@@ -68,10 +68,7 @@ struct Q4 {
       const __m512i nib = _mm512_set1_epi8(0x0f);
       const uint8_t* w[NS];
       const uint8_t* a[MT];
-#pragma GCC unroll 64
-      for (int j = 0; j < NS; ++j) w[j] = s.w[j];
-#pragma GCC unroll 64
-      for (int t = 0; t < MT; ++t) a[t] = tk.act[t];
+      tile_pointers(s, tk, w, a);
       // group_steps is a multiple of 4 (groups of 32, 64, 128 k, or whole
       // rows padded to 64 k), so the kKS-step body never overruns a group.
       const size_t gsteps = s.group_steps, spg = s.sums_per_group;
