@@ -74,9 +74,11 @@ TileFn select_gemm(size_t ns, size_t mt) { return SelectTile<TileBf16, false, 4,
 
 // `matrices` weight matrices share each tile's streams (gate/up: 2).
 TilePlan plan_for(size_t tokens, size_t matrices) {
-  if (tokens <= kBf16GemvMaxTokens)
-    return TilePlan{select_gemv, select_gemv, matrices == 1 ? (tokens <= kBf16GemvFewTokens ? kBf16GemvDownBlocksFew : kBf16GemvDownBlocks) : kBf16GemvGateUpBlocks, tokens,
+  if (tokens <= kBf16GemvMaxTokens) {
+    const size_t down_blocks = tokens <= kBf16GemvFewTokens ? kBf16GemvDownBlocksFew : kBf16GemvDownBlocks;
+    return TilePlan{select_gemv, select_gemv, matrices == 1 ? down_blocks : kBf16GemvGateUpBlocks, tokens,
                     kBf16GemvPrefetchBytes};
+  }
   return TilePlan{select_gemm_first, select_gemm, matrices == 1 ? kBf16GemmDownBlocks : kBf16GemmGateUpBlocks,
                   kBf16GemmTokens};
 }

@@ -84,9 +84,11 @@ TileFn select_gemm(size_t ns, size_t mt) { return SelectTile<TileQ8, false, 4, 6
 
 // `matrices` weight matrices share each tile's streams (gate/up: 2).
 TilePlan plan_for(size_t tokens, size_t matrices) {
-  if (tokens <= kQ8GemvMaxTokens)
-    return TilePlan{select_gemv, select_gemv, matrices == 1 ? (tokens <= kQ8GemvFewTokens ? kQ8GemvDownBlocksFew : kQ8GemvDownBlocks) : kQ8GemvGateUpBlocks, tokens,
+  if (tokens <= kQ8GemvMaxTokens) {
+    const size_t down_blocks = tokens <= kQ8GemvFewTokens ? kQ8GemvDownBlocksFew : kQ8GemvDownBlocks;
+    return TilePlan{select_gemv, select_gemv, matrices == 1 ? down_blocks : kQ8GemvGateUpBlocks, tokens,
                     kQ8GemvPrefetchBytes};
+  }
   return TilePlan{select_gemm_first, select_gemm, matrices == 1 ? kQ8GemmDownBlocks : kQ8GemmGateUpBlocks,
                   kQ8GemmTokens};
 }
