@@ -78,19 +78,18 @@ static_assert(kQ8GemvDownBlocks <= 2 && 2 * kQ8GemvGateUpBlocks <= 2 && kQ8GemmD
                   2 * kQ8GemmGateUpBlocks <= 4 && kQ8GemvMaxTokens <= kMaxTileTokens && kQ8GemmTokens <= 6,
               "tile bounds (instantiated ranges below)");
 
-TileFn select_gemv(size_t ns, size_t mt) { return SelectTile<TileQ8, true, 2, kQ8GemvMaxTokens>::get(ns, mt); }
-TileFn select_gemm_first(size_t ns, size_t mt) { return SelectTile<TileQ8, true, 4, 6>::get(ns, mt); }
-TileFn select_gemm(size_t ns, size_t mt) { return SelectTile<TileQ8, false, 4, 6>::get(ns, mt); }
-
-// `matrices` weight matrices share each tile's streams (gate/up: 2).
-TilePlan plan_for(size_t tokens, size_t matrices) {
+// The plan of a tile family (TileQ8, TileQ8G): `matrices` weight matrices
+// share each tile's streams (gate/up: 2); down runs one block at a time up to
+// `one_block_down_tokens` tokens.
+template <template <int, int, bool> class Tile>
+TilePlan plan_for(size_t tokens, size_t matrices, size_t one_block_down_tokens) {
   if (tokens <= kQ8GemvMaxTokens) {
-    const size_t down_blocks = tokens <= kQ8GemvFewTokens ? kQ8GemvDownBlocksFew : kQ8GemvDownBlocks;
-    return TilePlan{select_gemv, select_gemv, matrices == 1 ? down_blocks : kQ8GemvGateUpBlocks, tokens,
-                    kQ8GemvPrefetchBytes};
+    const SelectFn gemv = &SelectTile<Tile, true, 2, kQ8GemvMaxTokens>::get;
+    const size_t down_blocks = tokens <= one_block_down_tokens ? kQ8GemvDownBlocksFew : kQ8GemvDownBlocks;
+    return TilePlan{gemv, gemv, matrices == 1 ? down_blocks : kQ8GemvGateUpBlocks, tokens, kQ8GemvPrefetchBytes};
   }
-  return TilePlan{select_gemm_first, select_gemm, matrices == 1 ? kQ8GemmDownBlocks : kQ8GemmGateUpBlocks,
-                  kQ8GemmTokens};
+  return TilePlan{&SelectTile<Tile, true, 4, 6>::get, &SelectTile<Tile, false, 4, 6>::get,
+                  matrices == 1 ? kQ8GemmDownBlocks : kQ8GemmGateUpBlocks, kQ8GemmTokens};
 }
 
 // ---------------------------------------------------------------------------
@@ -138,38 +137,32 @@ struct TileQ8G {
   }
 };
 
-TileFn select_gemv_g(size_t ns, size_t mt) { return SelectTile<TileQ8G, true, 2, kQ8GemvMaxTokens>::get(ns, mt); }
-TileFn select_gemm_first_g(size_t ns, size_t mt) { return SelectTile<TileQ8G, true, 4, 6>::get(ns, mt); }
-TileFn select_gemm_g(size_t ns, size_t mt) { return SelectTile<TileQ8G, false, 4, 6>::get(ns, mt); }
-
-TilePlan plan_for_group(size_t tokens, size_t matrices) {
-  if (tokens <= kQ8GemvMaxTokens)
-    return TilePlan{select_gemv_g, select_gemv_g, matrices == 1 ? kQ8GemvDownBlocks : kQ8GemvGateUpBlocks, tokens,
-                    kQ8GemvPrefetchBytes};
-  return TilePlan{select_gemm_first_g, select_gemm_g, matrices == 1 ? kQ8GemmDownBlocks : kQ8GemmGateUpBlocks,
-                  kQ8GemmTokens};
-}
+// Grouped tiles close their sums every group with one accumulator set, so a
+// one-block decode tile would wait on the dot latency: down keeps two blocks.
+constexpr size_t kQ8GOneBlockDownTokens = 0;
 
 }  // namespace
 
 void gate_up_q8gw_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
                               size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  drive_gate_up(plan_for_group(a.rows, 2), gate, up, block_begin, block_end, a, act, h, ldh);
+  drive_gate_up(plan_for<TileQ8G>(a.rows, 2, kQ8GOneBlockDownTokens), gate, up, block_begin, block_end, a, act, h,
+                ldh);
 }
 
 void down_q8gw_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
                            const float* row_weight, float* const* out_rows) {
-  drive_down(plan_for_group(a.rows, 1), w, block_begin, block_end, a, row_weight, out_rows);
+  drive_down(plan_for<TileQ8G>(a.rows, 1, kQ8GOneBlockDownTokens), w, block_begin, block_end, a, row_weight,
+             out_rows);
 }
 
 void gate_up_q8w_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,
                              size_t block_end, const ActsView& a, const ActivationParams& act, float* h, size_t ldh) {
-  drive_gate_up(plan_for(a.rows, 2), gate, up, block_begin, block_end, a, act, h, ldh);
+  drive_gate_up(plan_for<TileQ8>(a.rows, 2, kQ8GemvFewTokens), gate, up, block_begin, block_end, a, act, h, ldh);
 }
 
 void down_q8w_u8a__avx512(const PackedMatrixView& w, size_t block_begin, size_t block_end, const ActsView& a,
                           const float* row_weight, float* const* out_rows) {
-  drive_down(plan_for(a.rows, 1), w, block_begin, block_end, a, row_weight, out_rows);
+  drive_down(plan_for<TileQ8>(a.rows, 1, kQ8GemvFewTokens), w, block_begin, block_end, a, row_weight, out_rows);
 }
 
 }  // namespace avx512

@@ -102,6 +102,15 @@ struct EncodedRows {
     buffer.group_sums = reinterpret_cast<int32_t*>(sums.data());
   }
 
+  // The buffer from row row0 on: where an encoding task writes its rows.
+  ActsBuffer from_row(size_t row0) const {
+    ActsBuffer b = buffer;
+    b.data += row0 * b.row_bytes;
+    b.row_scale += row0;
+    b.group_sums += row0 * b.group_sums_stride;
+    return b;
+  }
+
   // A view of rows [row0, row0 + rows) from column col0 (a multiple of 64).
   ActsView view(QuantScheme s, size_t row0, size_t rows, size_t col0, const int32_t* row_index) const {
     ActsView v;
@@ -461,11 +470,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
       if (P == 0)
         for (int s = 0; s < S; ++s) std::memset(ybuf + (size_t(s) * T + t) * ldy, 0, H * sizeof(float));
     }
-    ActsBuffer b = sc.qx.buffer;
-    b.data += r0 * b.row_bytes;
-    b.row_scale += r0;
-    b.group_sums += r0 * b.group_sums_stride;
-    fk.prepare_acts(xf + r0 * H, r1 - r0, H, H, b);
+    fk.prepare_acts(xf + r0 * H, r1 - r0, H, H, sc.qx.from_row(r0));
   });
 
   clock.mark(kPhaseEncodeX);
@@ -512,11 +517,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     const size_t pairs_per_task = std::max<size_t>(1, (P + size_t(threads) * 4 - 1) / (size_t(threads) * 4));
     pool_.parallel_for((P + pairs_per_task - 1) / pairs_per_task, [&](size_t task, int) {
       const size_t p0 = task * pairs_per_task, p1 = std::min(P, p0 + pairs_per_task);
-      ActsBuffer b = sc.hq.buffer;
-      b.data += p0 * b.row_bytes;
-      b.row_scale += p0;
-      b.group_sums += p0 * b.group_sums_stride;
-      fk.prepare_acts(h + p0 * ldh, p1 - p0, I, ldh, b);
+      fk.prepare_acts(h + p0 * ldh, p1 - p0, I, ldh, sc.hq.from_row(p0));
     });
 
     clock.mark(kPhaseEncodeH);
