@@ -25,9 +25,12 @@
 #define KT_AMX_EMULATE 1
 #endif
 #include "amx/tile.h"
+#include "test_support.h"
 
 namespace kt {
 namespace {
+
+using test::normal_floats;
 
 // ---------------------------------------------------------------------------
 // Tile layer.
@@ -269,13 +272,6 @@ const std::vector<FormatCase>& format_cases() {
 const std::vector<size_t> kRowsList = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33, 64};
 const std::vector<size_t> kTokensList = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33};
 
-std::vector<float> randn(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
-
 struct PackedW {
   PackedGeometry geo;
   std::vector<uint8_t> bytes;
@@ -285,7 +281,7 @@ struct PackedW {
 PackedW pack_random(QuantScheme s, size_t rows, size_t cols, uint32_t group, std::mt19937& rng) {
   PackedW p;
   EXPECT_TRUE(packed_geometry(s, uint32_t(rows), uint32_t(cols), group, &p.geo));
-  const auto w = randn(rows * cols, rng);
+  const auto w = normal_floats(rng, rows * cols);
   p.bytes.assign(p.geo.total_bytes, 0);
   pack_matrix(s, p.geo, w.data(), DType::kF32, cols, p.bytes.data());
   p.view = make_packed_view(s, p.geo, p.bytes.data());
@@ -352,7 +348,7 @@ void AmxKernels::run_case(size_t rows, size_t cols, size_t tokens, unsigned vari
   // rows when gathered through row_index.
   const size_t col0 = offset ? 64 : 0, width = col0 + cols;
   const size_t act_rows = gather ? tokens + 3 : tokens;
-  const auto x = randn(act_rows * width, rng);
+  const auto x = normal_floats(rng, act_rows * width);
   Acts acts = prepare(ref, s, x, act_rows, width);
   std::vector<int32_t> index(tokens);
   for (size_t t = 0; t < tokens; ++t) index[t] = int32_t((t * 5 + 2) % act_rows);
@@ -454,7 +450,7 @@ TEST_P(AmxKernels, PrepareActsMatchesScalarBytes) {
   const FormatKernels& tst = kernels_for(backend_kernels(backend_), s);
   for (size_t k : {size_t(32), size_t(100), size_t(192)}) {
     std::mt19937 rng{uint32_t(k)};
-    auto x = randn(5 * k, rng);
+    auto x = normal_floats(rng, 5 * k);
     x[3] = 0.0f;
     if (k > 64) std::fill(x.begin() + long(k), x.begin() + long(2 * k), 0.0f);  // an all-zero row
     const Acts r = prepare(ref, s, x, 5, k);
@@ -507,11 +503,11 @@ TEST(AmxBackend, MoeLayerOnEmulatedTilesMatchesScalar) {
     cfg.group_size = f.group;
     MoeLayer layer(cfg, pool);
     std::mt19937 rng(17);
-    const auto gate = randn(size_t(5) * 256 * 192, rng), up = randn(size_t(5) * 256 * 192, rng);
-    const auto down = randn(size_t(5) * 192 * 256, rng);
+    const auto gate = normal_floats(rng, size_t(5) * 256 * 192), up = normal_floats(rng, size_t(5) * 256 * 192);
+    const auto down = normal_floats(rng, size_t(5) * 192 * 256);
     layer.load_dense(gate.data(), up.data(), down.data(), DType::kF32, 5, nullptr, nullptr);
     const size_t T = 21;
-    const auto x = randn(T * 192, rng);
+    const auto x = normal_floats(rng, T * 192);
     std::vector<int32_t> ids(T * 2);
     std::vector<float> w(T * 2);
     for (size_t t = 0; t < T; ++t) {

@@ -26,9 +26,12 @@
 #include "kt_kernel/cpu_features.h"
 #include "kt_kernel/dispatch.h"
 #include "kt_kernel/pack.h"
+#include "test_support.h"
 
 namespace kt {
 namespace {
+
+using test::normal_floats;
 
 constexpr double kIntGateUpRelTol = 1e-6;
 constexpr double kBf16RelTol = 1e-5;
@@ -63,14 +66,6 @@ std::vector<Variant> avx2_variants() {
   return v;
 }
 
-std::vector<float> random_floats(size_t n, uint32_t seed, float sigma = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, sigma);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
-
 struct Packed {
   std::vector<uint8_t> bytes;
   PackedMatrixView view;
@@ -83,7 +78,7 @@ Packed pack(QuantScheme s, size_t rows, size_t cols, uint32_t group, uint32_t se
   p.bytes.assign(g.total_bytes + 64, 0);
   // Kernels may assume the 64-byte alignment the library's buffers have.
   uint8_t* base = p.bytes.data() + (64 - reinterpret_cast<uintptr_t>(p.bytes.data()) % 64) % 64;
-  const std::vector<float> w = random_floats(rows * cols, seed);
+  const std::vector<float> w = normal_floats(rows * cols, seed);
   pack_matrix(s, g, w.data(), DType::kF32, cols, base);
   p.view = make_packed_view(s, g, base);
   return p;
@@ -176,7 +171,7 @@ TEST_P(KernelsAvx2Formats, MatchesScalar) {
         const size_t col0 = case_id % 2 ? col_align : 0;
         const size_t kfull = col0 + cols;
         const size_t act_rows = tokens + 2;
-        std::vector<float> x = random_floats(act_rows * kfull, 3000 + case_id, 1.0f);
+        std::vector<float> x = normal_floats(act_rows * kfull, 3000 + case_id);
         if (case_id % 5 == 0) std::fill(x.begin(), x.begin() + kfull, 0.0f);
         Acts qa = alloc_acts(s, act_rows, kfull);
         ref.prepare_acts(x.data(), act_rows, kfull, kfull, qa.buf);
@@ -218,10 +213,10 @@ TEST_P(KernelsAvx2Formats, MatchesScalar) {
         // down into rows reached through out_rows, in reverse token order.
         const size_t ldy = rows + 5;
         std::vector<float> y_init(tokens * ldy, nan);
-        std::vector<float> init = random_floats(tokens * ldy, 4000 + case_id);
+        std::vector<float> init = normal_floats(tokens * ldy, 4000 + case_id);
         for (size_t m = 0; m < tokens; ++m)
           for (size_t n = n0; n < n1; ++n) y_init[m * ldy + n] = init[m * ldy + n];
-        const std::vector<float> row_weight = random_floats(tokens, 5000 + case_id);
+        const std::vector<float> row_weight = normal_floats(tokens, 5000 + case_id);
         std::vector<float> y_ref = y_init;
         std::vector<float*> out_ref(tokens);
         for (size_t m = 0; m < tokens; ++m) out_ref[m] = y_ref.data() + (tokens - 1 - m) * ldy;
@@ -283,7 +278,7 @@ TEST(KernelsAvx2, PrepareActsBitExactOnHostileRows) {
       for (size_t k : {1, 2, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 200}) {
         SCOPED_TRACE(::testing::Message() << v.name << " scheme=" << int(s) << " k=" << k);
         const size_t rows = 7, ldx = k + 3;
-        std::vector<float> x = random_floats(rows * ldx, uint32_t(k), 3.0f);
+        std::vector<float> x = normal_floats(rows * ldx, uint32_t(k), 3.0f);
         for (size_t i = 0; i < k; ++i) {
           x[0 * ldx + i] = 0.0f;                                            // amax = 0
           x[2 * ldx + i] *= 1e30f;                                          // huge
@@ -352,7 +347,7 @@ TEST(KernelsAvx2, EmptyRangesWriteNothing) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   for (const FormatCase& f : kFormats) {
     const Packed w = pack(f.scheme, 33, f.cols[0], f.group, 7);
-    std::vector<float> x = random_floats(2 * f.cols[0], 8);
+    std::vector<float> x = normal_floats(2 * f.cols[0], 8);
     Acts q = alloc_acts(f.scheme, 2, f.cols[0]);
     for (const Variant& v : avx2_variants()) {
       const FormatKernels& k = kernels_for(v.table, f.scheme);

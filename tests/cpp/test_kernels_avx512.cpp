@@ -29,9 +29,12 @@
 #include "kt_kernel/dispatch.h"
 #include "kt_kernel/kernel_table.h"
 #include "kt_kernel/pack.h"
+#include "test_support.h"
 
 namespace kt {
 namespace {
+
+using test::normal_floats;
 
 constexpr float kGateUpRelTol = 1e-6f;
 constexpr double kBf16Tol = 1e-5;
@@ -75,13 +78,6 @@ const uint32_t kRows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33,
 const uint32_t kCols[] = {64, 96, 128, 192, 320, 100};
 const size_t kTokens[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17, 31, 32, 33, 64};
 
-std::vector<float> random_matrix(std::mt19937& rng, size_t n, float offset) {
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng) + offset;
-  return v;
-}
-
 struct Packed {
   PackedGeometry geo;
   AlignedBuffer buf;
@@ -91,7 +87,8 @@ struct Packed {
 bool make_packed(const Format& f, uint32_t rows, uint32_t cols, std::mt19937& rng, Packed* p) {
   if (!packed_geometry(f.scheme, rows, cols, f.group, &p->geo)) return false;
   // Asymmetric formats get a per-row offset so that mins matter.
-  std::vector<float> w = random_matrix(rng, size_t(rows) * cols, f.scheme == QuantScheme::kInt4Asym ? 0.7f : 0.0f);
+  const float mean = f.scheme == QuantScheme::kInt4Asym ? 0.7f : 0.0f;
+  std::vector<float> w = normal_floats(rng, size_t(rows) * cols, 1.0f, mean);
   p->buf = AlignedBuffer(p->geo.total_bytes);
   if (f.raw_codes) {
     std::vector<uint8_t> q(size_t(rows) * cols);
@@ -171,7 +168,7 @@ TEST(KernelsAvx512, PrepareActsBitExact) {
     if (format_provider("avx512", s) != "avx512") continue;
     for (size_t k : {1, 5, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 320, 1000, 2048}) {
       const size_t rows = 9, ldx = k + 3;
-      std::vector<float> x = random_matrix(rng, rows * ldx, 0.0f);
+      std::vector<float> x = normal_floats(rng, rows * ldx);
       for (size_t i = 0; i < k; ++i) {
         x[1 * ldx + i] = 0.0f;                                           // all-zero row
         x[2 * ldx + i] = float(int(i % 7) - 3) * 0.5f;                   // exact ties of x * 127 / amax
@@ -238,7 +235,7 @@ bool run_case(const Format& f, const KernelTable& avx, const KernelTable& ref, c
   // column col0 of rows of col0 + cols (+ a spare 64) columns.
   const size_t src_rows = c.gather ? c.tokens * 2 + 3 : c.tokens;
   const size_t kfull = c.col0 + c.cols + (c.col0 ? 64 : 0);
-  std::vector<float> x = random_matrix(rng, src_rows * kfull, 0.0f);
+  std::vector<float> x = normal_floats(rng, src_rows * kfull);
   // (BF16 is compared relative to max |h|, which the swigluoai clamps bound
   // while scaled inputs grow the dot products and their fp32 rounding: the
   // scaled cases exercise exp's range on the bit-exact integer formats.)
@@ -388,7 +385,7 @@ TEST_P(KernelsAvx512Format, EmptyCallsWriteNothing) {
   std::mt19937 rng(5);
   Packed w;
   ASSERT_TRUE(make_packed(f, 40, 128, rng, &w));
-  std::vector<float> x = random_matrix(rng, 3 * 128, 0.0f);
+  std::vector<float> x = normal_floats(rng, 3 * 128);
   Acts acts;
   acts.init(f.scheme, 3, 128);
   kernels_for(*avx, f.scheme).prepare_acts(x.data(), 3, 128, 128, acts.buffer);

@@ -12,17 +12,12 @@
 #include "kt_kernel/moe_layer.h"
 #include "kt_kernel/pack.h"
 #include "thread_pool.h"
+#include "test_support.h"
 
 namespace kt {
 namespace {
 
-std::vector<float> random_matrix(size_t rows, size_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> m(rows * cols);
-  for (auto& v : m) v = dist(rng);
-  return m;
-}
+using test::normal_floats;
 
 struct Canonical {
   std::vector<uint8_t> q;
@@ -54,7 +49,7 @@ TEST(PackQuantized, ReproducesPackMatrixForWholeMatricesAndKSlices) {
   for (const Case& c : kCases) {
     for (size_t rows : {1, 17, 33}) {
       const size_t cols = 256;
-      const auto w = random_matrix(rows, cols, uint32_t(rows * 7 + c.group));
+      const auto w = normal_floats(size_t(rows) * cols, uint32_t(rows * 7 + c.group));
       const Canonical q = quantize(c.s, c.group, w, rows, cols, false);
       for (size_t col0 : {size_t(0), size_t(128)}) {
         PackedGeometry g;
@@ -166,7 +161,7 @@ TEST(PackQuantized, Fp8BlockIsLosslessFromCodes) {
 // each group's largest magnitude is exact up to the scale's rounding.
 TEST(PackQuantized, Fp8QuantisationRoundsToNearest) {
   const size_t rows = 5, cols = 256;
-  auto w = random_matrix(rows, cols, 3);
+  auto w = normal_floats(size_t(rows) * cols, 3);
   w[7] = 0.0f;
   for (size_t k = 128; k < 256; ++k) w[2 * cols + k] = 0.0f;  // an all-zero group
   const Canonical c = quantize(QuantScheme::kFP8Block, 128, w, rows, cols, false);
@@ -188,7 +183,7 @@ TEST(PackQuantized, Fp8QuantisationRoundsToNearest) {
 TEST(PackQuantized, ScaleSearchNeverIncreasesTheError) {
   for (QuantScheme s : {QuantScheme::kInt4Sym, QuantScheme::kInt4Asym}) {
     const size_t rows = 32, cols = 128;
-    const auto w = random_matrix(rows, cols, 3);
+    const auto w = normal_floats(size_t(rows) * cols, 3);
     double err[2];
     for (int search = 0; search < 2; ++search) {
       const Canonical q = quantize(s, 32, w, rows, cols, search != 0);
@@ -226,8 +221,8 @@ TEST(MoeLayerPerExpertLoad, QuantizedAndDenseMatchLoadDenseOnTwoSlices) {
     cfg.intermediate = I;
     cfg.scheme = c.s;
     cfg.group_size = c.group;
-    const auto gate = random_matrix(size_t(E) * I, H, 1), up = random_matrix(size_t(E) * I, H, 2),
-               down = random_matrix(size_t(E) * H, I, 3);
+    const auto gate = normal_floats(size_t(E) * I * H, 1), up = normal_floats(size_t(E) * I * H, 2),
+               down = normal_floats(size_t(E) * H * I, 3);
     MoeLayer ref(cfg, pool), by_q(cfg, pool), by_d(cfg, pool);
     const uint8_t load[E] = {1, 0, 1};
     ref.load_dense(gate.data(), up.data(), down.data(), DType::kF32, E, nullptr, load);

@@ -8,17 +8,12 @@
 
 #include "kt_kernel/dispatch.h"
 #include "kt_kernel/pack.h"
+#include "test_support.h"
 
 namespace kt {
 namespace {
 
-std::vector<float> random_matrix(size_t rows, size_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> m(rows * cols);
-  for (auto& v : m) v = dist(rng);
-  return m;
-}
+using test::normal_floats;
 
 struct Packed {
   PackedGeometry geo;
@@ -70,7 +65,7 @@ TEST(PackedGeometry, SectionsAreAlignedAndSized) {
 }
 
 TEST(Pack, IsDeterministicAndWritesEveryByte) {
-  const auto w = random_matrix(17, 160, 1);
+  const auto w = normal_floats(size_t(17) * 160, 1);
   for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
                         QuantScheme::kInt8Group, QuantScheme::kFP8Block}) {
     const bool grouped = s == QuantScheme::kInt8Group || s == QuantScheme::kFP8Block;
@@ -88,7 +83,7 @@ TEST(Pack, IsDeterministicAndWritesEveryByte) {
 TEST(Pack, SliceOfKPacksLikeTheFullMatrix) {
   // A NUMA slice of K [128, 256) of a 256-wide per-channel INT8 matrix holds the
   // same quantised values as the full matrix's columns (scales cover whole rows).
-  const auto w = random_matrix(16, 256, 2);
+  const auto w = normal_floats(size_t(16) * 256, 2);
   Packed full = pack(QuantScheme::kInt8PerChannel, 16, 256, 0, w);
   PackedGeometry g;
   ASSERT_TRUE(packed_geometry(QuantScheme::kInt8PerChannel, 16, 128, 0, &g));
@@ -106,8 +101,8 @@ TEST(Pack, SliceOfKPacksLikeTheFullMatrix) {
 TEST(ReferenceKernels, DownMatchesFloat64OnUnpackedValues) {
   const KernelTable& ref = backend_kernels("scalar");
   const size_t N = 33, K = 192, M = 5;
-  const auto w = random_matrix(N, K, 3);
-  const auto x = random_matrix(M, K, 4);
+  const auto w = normal_floats(size_t(N) * K, 3);
+  const auto x = normal_floats(size_t(M) * K, 4);
   for (QuantScheme s : {QuantScheme::kBF16, QuantScheme::kInt8PerChannel, QuantScheme::kInt4Sym, QuantScheme::kInt4Asym,
                         QuantScheme::kInt8Group, QuantScheme::kFP8Block}) {
     const uint32_t group = scheme_has_groups(s) ? 64 : 0;
