@@ -56,9 +56,18 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+// A comma list of token counts; exits with a message on anything but positive integers.
 std::vector<size_t> split_sizes(const std::string& s) {
   std::vector<size_t> out;
-  for (const std::string& v : split(s)) out.push_back(std::strtoul(v.c_str(), nullptr, 10));
+  for (const std::string& v : split(s)) {
+    char* end = nullptr;
+    const unsigned long n = std::strtoul(v.c_str(), &end, 10);
+    if (n == 0 || *end != '\0') {
+      std::fprintf(stderr, "bench_kernels: token counts must be positive integers, got %s\n", v.c_str());
+      std::exit(2);
+    }
+    out.push_back(n);
+  }
   return out;
 }
 
@@ -138,7 +147,11 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  const KernelTable& kt = backend_kernels(backend);  // throws if unavailable here
+  if (!backend_unavailable_reason(backend).empty()) {
+    std::fprintf(stderr, "bench_kernels: backend %s: %s\n", backend.c_str(), backend_unavailable_reason(backend).c_str());
+    return 2;
+  }
+  const KernelTable& kt = backend_kernels(backend);
   ThreadPool one(1, {topology().nodes.front().os_index}, false);
   const double roof = measure_read_bandwidth(one, size_t(1) << 30, 5);
   std::printf("backend %s; read probe, 1 thread: %.1f GB/s\n", kt.name, roof);
@@ -153,8 +166,13 @@ int main(int argc, char** argv) {
     }
     const FormatKernels& fk = kernels_for(kt, f->scheme);
     for (const std::string& shape : split(shapes)) {
+      const size_t x = shape.find('x');
       const uint32_t I = uint32_t(std::strtoul(shape.c_str(), nullptr, 10));
-      const uint32_t H = uint32_t(std::strtoul(shape.c_str() + shape.find('x') + 1, nullptr, 10));
+      const uint32_t H = x == std::string::npos ? 0 : uint32_t(std::strtoul(shape.c_str() + x + 1, nullptr, 10));
+      if (I == 0 || H == 0) {
+        std::fprintf(stderr, "bench_kernels: --shape wants IxH with positive sizes, got %s\n", shape.c_str());
+        return 2;
+      }
       PackedGeometry gg, dg;
       packed_geometry(f->scheme, I, H, f->group, &gg);
       packed_geometry(f->scheme, H, I, f->group, &dg);
