@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <random>
 #include <string>
 #include <vector>
@@ -129,7 +130,7 @@ void make_acts(const FormatKernels& fk, QuantScheme s, size_t rows, size_t k, st
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   std::string backend = "avx512", formats = "int4_g128,int8,bf16", shapes = "768x2048,1408x2048";
   std::string gemv = "1,2,4", gemm = "64,256";
   int reps = 5;
@@ -227,4 +228,13 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {  // an unknown backend name, an allocation failure
+    std::fprintf(stderr, "bench_kernels: %s\n", e.what());
+    return 2;
+  }
 }
