@@ -204,6 +204,11 @@ struct PackedMatrixView {
   const float* scales = nullptr;          // INT4, INT8 grouped, FP8: [blocks][groups][16]; INT8: [blocks][16]
   const float* mins = nullptr;            // INT4 asym: [blocks][groups][16]
   const int32_t* compensation = nullptr;  // INT8: [blocks][16]; INT8 grouped: [blocks][groups][16]
+  // A hint, never read as data: the weights of the matrix (same geometry)
+  // that the caller multiplies next over the same row blocks, e.g. the next
+  // expert's down projection. A kernel may prefetch its first blocks while
+  // it finishes this one, so the next call does not start cold.
+  const uint8_t* next_weights = nullptr;
 };
 
 static inline PackedMatrixView make_packed_view(QuantScheme s, const PackedGeometry& g, const void* base) {

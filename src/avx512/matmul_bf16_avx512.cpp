@@ -56,11 +56,7 @@ struct TileBf16 {
         for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
           for (int t = 0; t < MT; ++t) acc[c][j][t] = _mm512_add_ps(acc[c][j][t], acc[c + half][j][t]);
-#pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-      for (int t = 0; t < MT; ++t) _mm512_store_ps(res + (j * MT + t) * 16, acc[0][j][t]);
-    memory_barrier(res, res);
+    emit_tile<NS, MT>(tk, res, acc[0]);
   }
 };
 

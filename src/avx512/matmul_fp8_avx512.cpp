@@ -105,9 +105,12 @@ struct TileFp8 {
         }
       }
     }
+    __m512 v[NS][MT];
 #pragma GCC unroll 64
-    for (int i2 = 0; i2 < NS * MT; ++i2) _mm512_store_ps(res + i2 * 16, _mm512_load_ps(facc + i2 * 16));
-    memory_barrier(res, facc);
+    for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 64
+      for (int t = 0; t < MT; ++t) v[j][t] = _mm512_load_ps(facc + (j * MT + t) * 16);
+    emit_tile<NS, MT>(tk, res, v);
   }
 };
 

@@ -60,17 +60,15 @@ struct TileQ8 {
 #pragma GCC unroll 64
       for (int t = 0; t < MT; ++t) _mm512_store_si512(res + (j * MT + t) * 16, acc[0][j][t]);
     memory_barrier(res, res);
+    __m512 v[NS][MT];
 #pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j) {
-      const __m512i comp = _mm512_loadu_si512(s.comp[j]);
-      const __m512 ws = _mm512_loadu_ps(s.scales[j]);
+    for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
-      for (int t = 0; t < MT; ++t) {
-        float* r = res + (j * MT + t) * 16;
-        const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(tk.scale[t]), ws);
-        _mm512_store_ps(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(r), comp)), sc));
-      }
-    }
+      for (int t = 0; t < MT; ++t)
+        v[j][t] = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(res + (j * MT + t) * 16), _mm512_loadu_si512(s.comp[j]))),
+            _mm512_mul_ps(_mm512_set1_ps(tk.scale[t]), _mm512_loadu_ps(s.scales[j])));
+    emit_tile<NS, MT>(tk, res, v);
   }
 };
 
@@ -128,12 +126,12 @@ struct TileQ8G {
         }
       }
     }
+    __m512 v[NS][MT];
 #pragma GCC unroll 64
     for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
-      for (int t = 0; t < MT; ++t)
-        _mm512_store_ps(res + (j * MT + t) * 16,
-                        _mm512_mul_ps(_mm512_load_ps(facc + (j * MT + t) * 16), _mm512_set1_ps(tk.scale[t])));
+      for (int t = 0; t < MT; ++t) v[j][t] = _mm512_mul_ps(_mm512_load_ps(facc + (j * MT + t) * 16), _mm512_set1_ps(tk.scale[t]));
+    emit_tile<NS, MT>(tk, res, v);
   }
 };
 

@@ -548,11 +548,16 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
       const DownTask& tk = sc.down_tasks[size_t(s)][i];
       const size_t c0 = size_t(tk.block_begin) * kRowBlock, c1 = std::min<size_t>(H, size_t(tk.block_end) * kRowBlock);
       for (size_t t = 0; t < T; ++t) std::memset(ybuf + (size_t(s) * T + t) * ldy + c0, 0, (c1 - c0) * sizeof(float));
-      for (int32_t e : rt.active_by_id) {
-        const size_t off = size_t(rt.offset[size_t(e)]);
-        const ActsView a = sc.hq.view(scheme, off, size_t(rt.count[size_t(e)]), sl.begin, nullptr);
-        fk.down(sl.down_views[size_t(e)], tk.block_begin, tk.block_end, a, rt.pair_weight.data() + off,
-                sc.out_rows.data() + size_t(s) * P + off);
+      const std::vector<int32_t>& experts = rt.active_by_id;
+      for (size_t k = 0; k < experts.size(); ++k) {
+        const size_t e = size_t(experts[k]);
+        const size_t off = size_t(rt.offset[e]);
+        const ActsView a = sc.hq.view(scheme, off, size_t(rt.count[e]), sl.begin, nullptr);
+        // The next expert's blocks are warmed while this one finishes
+        // (prefill: its first token tile would otherwise read them from DRAM).
+        PackedMatrixView w = sl.down_views[e];
+        if (k + 1 < experts.size()) w.next_weights = sl.down_views[size_t(experts[k + 1])].weights;
+        fk.down(w, tk.block_begin, tk.block_end, a, rt.pair_weight.data() + off, sc.out_rows.data() + size_t(s) * P + off);
       }
     });
   }

@@ -284,17 +284,27 @@ bool run_case(const Format& f, const KernelTable& avx, const KernelTable& ref, c
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (size_t m = 0; m < c.tokens; ++m)
     for (size_t n = n_begin; n < n_end; ++n) o_ref[m * ldo + n] = u(rng);
-  std::vector<float> o_avx = o_ref;
+  std::vector<float> o_avx = o_ref, o_hint = o_ref;
   std::vector<float> weight(c.tokens);
   for (auto& w : weight) w = u(rng);
-  std::vector<float*> rows_ref(c.tokens), rows_avx(c.tokens);
+  std::vector<float*> rows_ref(c.tokens), rows_avx(c.tokens), rows_hint(c.tokens);
   for (size_t m = 0; m < c.tokens; ++m) {
     const size_t slot = c.tokens - 1 - m;  // out_rows need not follow memory order
     rows_ref[m] = o_ref.data() + slot * ldo;
     rows_avx[m] = o_avx.data() + slot * ldo;
+    rows_hint[m] = o_hint.data() + slot * ldo;
   }
   kernels_for(ref, f.scheme).down(down.view, c.bb, c.be, a, weight.data(), rows_ref.data());
   kernels_for(avx, f.scheme).down(down.view, c.bb, c.be, a, weight.data(), rows_avx.data());
+  // The next-matrix prefetch hint (another matrix of the same geometry)
+  // changes nothing.
+  PackedMatrixView hinted = down.view;
+  hinted.next_weights = up.view.weights;
+  kernels_for(avx, f.scheme).down(hinted, c.bb, c.be, a, weight.data(), rows_hint.data());
+  if (std::memcmp(o_avx.data(), o_hint.data(), o_avx.size() * sizeof(float)) != 0) {
+    ADD_FAILURE() << "down with next_weights set differs from down without";
+    ok = false;
+  }
   if (is_integer(f.scheme)) {
     if (std::memcmp(o_ref.data(), o_avx.data(), o_ref.size() * sizeof(float)) != 0) {
       for (size_t i = 0; i < o_ref.size(); ++i)
