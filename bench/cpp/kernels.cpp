@@ -5,12 +5,15 @@
 //
 //   bench_kernels [--backend avx512] [--format int4_g128,int8,bf16,...]
 //                 [--shape 768x2048,1408x2048] [--gemv 1,2,4] [--gemm 64,256] [--reps 5]
+//                 [--next-hint 0|1]
 //
 // GEMV (decode, few tokens): each call runs on the next of enough experts
 // (copies of one) to fill ~384 MiB, so the weights come from memory; GB/s of
 // packed weights, best of --reps passes, next to the read probe's 1-thread
 // GB/s measured in the same run. GEMM (prefill): GOP/s (2 per multiply-add)
-// cycling over the same experts, best of --reps. `--shape IxH`: gate/up are
+// cycling over the same experts, best of --reps. --next-hint 1 (the default)
+// tells each down call which expert comes next (PackedMatrixView::
+// next_weights), as the layer does; 0 leaves it out. `--shape IxH`: gate/up are
 // I x H, down H x I.
 #include <algorithm>
 #include <chrono>
@@ -134,6 +137,7 @@ int run(int argc, char** argv) {
   std::string backend = "avx512", formats = "int4_g128,int8,bf16", shapes = "768x2048,1408x2048";
   std::string gemv = "1,2,4", gemm = "64,256";
   int reps = 5;
+  bool next_hint = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--backend") backend = v;
@@ -142,6 +146,7 @@ int run(int argc, char** argv) {
     else if (k == "--gemv") gemv = v;
     else if (k == "--gemm") gemm = v;
     else if (k == "--reps") reps = std::max(1, std::atoi(v.c_str()));
+    else if (k == "--next-hint") next_hint = std::atoi(v.c_str()) != 0;
     else {
       std::fprintf(stderr, "bench_kernels: unknown option %s (see the comment at the top of bench/cpp/kernels.cpp)\n",
                    k.c_str());
@@ -195,6 +200,12 @@ int run(int argc, char** argv) {
       for (size_t m = 0; m < max_m; ++m) out_rows[m] = out.data() + m * H;
       const ActivationParams act;
       const size_t gb = gg.rows_padded / kRowBlock, db = dg.rows_padded / kRowBlock;
+      // Down call c runs on expert c % E; with the hint it names the next one.
+      auto down_view = [&](size_t c) {
+        PackedMatrixView v = D.views[c % E];
+        if (next_hint) v.next_weights = D.views[(c + 1) % E].weights;
+        return v;
+      };
       for (size_t m : ms_gemv) {
         ax.view.rows = ah.view.rows = m;
         double gu = 0, dn = 0;
@@ -203,7 +214,7 @@ int run(int argc, char** argv) {
           for (size_t e = 0; e < E; ++e) fk.gate_up(G.views[e], U.views[e], 0, gb, ax.view, act, h.data(), I);
           gu = std::max(gu, double(E) * 2 * gg.total_bytes / (now_s() - t0) / 1e9);
           t0 = now_s();
-          for (size_t e = 0; e < E; ++e) fk.down(D.views[e], 0, db, ah.view, rw.data(), out_rows.data());
+          for (size_t e = 0; e < E; ++e) fk.down(down_view(e), 0, db, ah.view, rw.data(), out_rows.data());
           dn = std::max(dn, double(E) * dg.total_bytes / (now_s() - t0) / 1e9);
         }
         std::printf("%-9s I=%-5u H=%-5u GEMV m=%-3zu gate_up %6.1f GB/s (%3.0f%%)  down %6.1f GB/s (%3.0f%%)\n",
@@ -219,7 +230,7 @@ int run(int argc, char** argv) {
             fk.gate_up(G.views[size_t(c) % E], U.views[size_t(c) % E], 0, gb, ax.view, act, h.data(), I);
           gu = std::max(gu, 4.0 * I * H * m * calls / (now_s() - t0) / 1e9);
           t0 = now_s();
-          for (int c = 0; c < calls; ++c) fk.down(D.views[size_t(c) % E], 0, db, ah.view, rw.data(), out_rows.data());
+          for (int c = 0; c < calls; ++c) fk.down(down_view(size_t(c)), 0, db, ah.view, rw.data(), out_rows.data());
           dn = std::max(dn, 2.0 * I * H * m * calls / (now_s() - t0) / 1e9);
         }
         std::printf("%-9s I=%-5u H=%-5u GEMM m=%-3zu gate_up %7.1f GOP/s  down %7.1f GOP/s\n", f->name.c_str(), I, H,
