@@ -180,17 +180,6 @@ size_t align_blocks(size_t per, size_t blocks) {
   return std::max<size_t>(1, std::min(per, blocks));
 }
 
-// Down tasks at decode (few pairs): each task makes one call per active
-// expert, and each call starts cold (its first lines come at DRAM latency
-// before the kernel's own prefetch runs ahead), so tasks are sized for
-// calls of at least this many weight bytes, in a multiple of the thread
-// count. Qwen3-30B-A3B INT4 decode, 2 threads: 8 tasks per thread (48 KB
-// calls) took 143 us for the down phase, 1 task per thread (384 KB) 100 us.
-constexpr size_t kMinDecodeDownCallBytes = 256 << 10;
-// Below this many (token, expert) pairs a call is decode-like: bound by
-// memory, its tasks sized by bytes rather than by compute.
-constexpr size_t kDecodeMaxPairs = 64;
-
 // The largest share of `blocks` any thread gets when tasks of `per` blocks
 // (the last one shorter) go to the threads in turn: the step's span when
 // the threads run at one speed.
@@ -205,37 +194,54 @@ size_t span_blocks(size_t blocks, size_t per, size_t threads) {
   return span;
 }
 
-uint32_t decode_down_blocks_per_task(size_t blocks, size_t block_bytes, int threads) {
-  const size_t th = size_t(std::max(1, threads));
-  size_t tasks = (blocks * block_bytes) / kMinDecodeDownCallBytes;
-  tasks = std::min(tasks, 8 * th);
-  tasks = std::max(th, tasks / th * th);
-  // Task boundaries on multiples of 4 blocks can leave the threads uneven
-  // shares (Qwen3-30B-A3B INT8: 6 tasks of 24 blocks, the last of 8, give one
-  // thread 72 blocks and the other 56): fewer tasks if they split evenly.
+// Blocks per task for about `tasks` tasks (a multiple of the thread count).
+// Task boundaries on multiples of 4 blocks can leave the threads uneven
+// shares (128 blocks in 6 tasks: 5 of 24 and one of 8, so one thread gets 72
+// and the other 56): among task counts from `tasks` down, the one with the
+// smallest per-thread span wins (128 blocks: 4 tasks of 32).
+uint32_t even_blocks_per_task(size_t blocks, size_t tasks, size_t threads) {
   size_t best_per = blocks, best_span = blocks + 1;
-  for (size_t n = tasks; n >= th; n -= th) {
+  for (size_t n = tasks; n >= threads && n > 0; n -= threads) {
     const size_t per = align_blocks((blocks + n - 1) / n, blocks);
-    const size_t span = span_blocks(blocks, per, th);
+    const size_t span = span_blocks(blocks, per, threads);
     if (span < best_span) best_span = span, best_per = per;
   }
   return uint32_t(best_per);
 }
 
-// Down tasks at prefill: a task adds into its columns of every token's
-// output row, once per routed expert, so that region (tokens x columns x 4
-// bytes) is read and written again and again: tasks are sized to keep it
-// within this much of L2 (Qwen3-30B-A3B INT8, 1024-token passes, 2 threads:
-// down 14.9 ms per pass at 4 blocks per task, 15.9 at 16; 1 thread 29.6 and
-// 33.0; 128 tokens: 16 blocks 3.08 ms, 4 blocks 3.24), with at least 4 tasks
-// per thread for balance.
-constexpr size_t kDownTaskOutputBytes = 256 << 10;
+// Down tasks at decode (few pairs): each task makes one call per active
+// expert, and each call starts cold (its first lines come at DRAM latency
+// before the kernel's own prefetch runs ahead), so tasks are sized for
+// calls of at least this many weight bytes, in a multiple of the thread
+// count. Qwen3-30B-A3B INT4 decode, 2 threads: 8 tasks per thread (48 KB
+// calls) took 143 us for the down phase, 1 task per thread (384 KB) 100 us.
+constexpr size_t kMinDecodeDownCallBytes = 256 << 10;
+// Below this many (token, expert) pairs a call is decode-like: bound by
+// memory, its tasks sized by bytes rather than by compute.
+constexpr size_t kDecodeMaxPairs = 64;
 
-uint32_t prefill_down_blocks_per_task(size_t blocks, size_t tokens, int threads) {
-  const size_t block_out_bytes = std::max<size_t>(1, tokens) * kRowBlock * sizeof(float);
-  size_t per = std::max<size_t>(1, kDownTaskOutputBytes / block_out_bytes);
-  per = std::min(per, std::max<size_t>(1, blocks / (4 * size_t(std::max(1, threads)))));
-  return uint32_t(align_blocks(per, blocks));
+uint32_t decode_down_blocks_per_task(size_t blocks, size_t block_bytes, int threads) {
+  const size_t th = size_t(std::max(1, threads));
+  size_t tasks = (blocks * block_bytes) / kMinDecodeDownCallBytes;
+  tasks = std::min(tasks, 8 * th);
+  tasks = std::max(th, tasks / th * th);
+  return even_blocks_per_task(blocks, tasks, th);
+}
+
+// Down tasks at prefill: two per thread. Each task runs every active
+// expert over its blocks, reading the expert's encoded rows once per call
+// and reusing them from cache across the call's blocks, so larger tasks
+// read less (1024-token passes, 2 threads, task sizes alternated call by
+// call in one process: Qwen3-30B-A3B INT8 47.2 ms per call at 4 blocks per
+// task, 46.1 at 16, 44.1 at 32, 43.7 at 64; DeepSeek-V2-Lite INT8 64.2 at 4,
+// 59.6 at 32; DeepSeek-V3 INT8 424 at 4, 384-387 at 56-224). Two rather
+// than one per thread leaves the pool a little room to even out a thread
+// that runs slow.
+constexpr size_t kPrefillDownTasksPerThread = 2;
+
+uint32_t prefill_down_blocks_per_task(size_t blocks, int threads) {
+  const size_t th = size_t(std::max(1, threads));
+  return even_blocks_per_task(blocks, kPrefillDownTasksPerThread * th, th);
 }
 
 // Splits `blocks` row blocks of work `rows_work` each into roughly
@@ -576,7 +582,7 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
       }
       const int slice_threads = std::max(1, threads / S);
       const uint32_t per = P >= kDecodeMaxPairs
-                               ? prefill_down_blocks_per_task(hblocks, T, slice_threads)
+                               ? prefill_down_blocks_per_task(hblocks, slice_threads)
                                : decode_down_blocks_per_task(hblocks, slices_[size_t(s)]->down_geo.block_weight_bytes,
                                                              slice_threads);
       for (uint32_t b = 0; b < hblocks; b += per) tasks.push_back({b, uint32_t(std::min<size_t>(hblocks, b + per))});
