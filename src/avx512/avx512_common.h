@@ -198,13 +198,14 @@ struct Tokens {
 };
 
 // A tile's results: v[j][t] is the 16 fp32 results of stream j and token t.
-// (An array, not a callback: a lambda capturing the accumulators by
-// reference made GCC keep them in memory through the k loop.) gate/up: into res, where drive's epilogue pairs each gate block
-// with its up block. down: out[t] += weight[t] * v, a multiply then an add
-// as the reference does, straight from the tile's registers (INT8 down at
-// K = 768, 1 core, 4-5% faster than a round trip through res: at short K the
+// gate/up: into res, where drive's epilogue pairs each gate block with its
+// up block. down: out[t] += weight[t] * v, a multiply then an add as the
+// reference does, straight from the tile (INT8 down alone, 1 core: +2.5% at
+// K = 768, +1% at K = 1408 over a round trip through res; at short K the
 // per-tile epilogue is a visible share of the tile). One branch per tile,
-// not per result, so each path is straight-line code.
+// not per result, so each path is straight-line code. (An array, not a
+// callback: a lambda capturing the accumulators by reference made GCC keep
+// them in memory through the k loop.)
 template <int NS, int MT>
 __attribute__((always_inline)) static inline void emit_tile(const Tokens& tk, float* res, const __m512 (&v)[NS][MT]) {
   if (!tk.to_rows) {
@@ -408,8 +409,8 @@ static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, siz
     // Where token tiles k >= 1 warm the blocks read next: the next group of
     // this call, or after the last group the first group of the matrix the
     // caller runs next (next_weights: down's next expert), which would
-    // otherwise start cold (Qwen3-30B-A3B INT8 down, 2048 tokens, 2 threads:
-    // see moe_layer.cpp).
+    // otherwise start cold (INT8 down alone at one group per call, 1 core:
+    // +5%, bench_kernels --next-hint 0|1).
     const uint8_t* warm_base[2] = {mats[0].weights, nmats > 1 ? mats[1].weights : nullptr};
     size_t warm_b = b + nb, warm_nb = next_nb;
     if (!next_nb && nmats == 1 && mats[0].next_weights) {
