@@ -20,13 +20,17 @@ LayerQueue::~LayerQueue() {
 }
 
 void LayerQueue::push(QueuedTask* t) {
-  if (t->busy.exchange(1, std::memory_order_acq_rel))
-    throw std::logic_error("kt_kernel: a layer task was queued again before it finished");
+  claim(t);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     enqueue_locked(t);
   }
   work_cv_.notify_one();
+}
+
+void LayerQueue::claim(QueuedTask* t) {
+  if (t->busy.exchange(1, std::memory_order_acq_rel))
+    throw std::logic_error("kt_kernel: a layer task was queued again before it finished");
 }
 
 void LayerQueue::enqueue_locked(QueuedTask* t) {
@@ -44,8 +48,7 @@ void LayerQueue::enqueue_locked(QueuedTask* t) {
 }
 
 bool LayerQueue::run_or_push(QueuedTask* t) {
-  if (t->busy.exchange(1, std::memory_order_acq_rel))
-    throw std::logic_error("kt_kernel: a layer task was queued again before it finished");
+  claim(t);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (head_ || running_ || on_executor()) {
@@ -99,7 +102,7 @@ void LayerQueue::run() {
     QueuedTask* t;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      work_cv_.wait(lock, [&] { return (stop_ && !running_) || (head_ != nullptr && !running_); });
+      work_cv_.wait(lock, [&] { return !running_ && (stop_ || head_ != nullptr); });
       if (!head_) return;  // stop requested and nothing left
       t = head_;
       queued_.fetch_sub(1, std::memory_order_relaxed);

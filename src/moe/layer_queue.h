@@ -56,6 +56,7 @@ class LayerQueue {
  private:
   LayerQueue() = default;
   void run();
+  void claim(QueuedTask* t);  // marks t busy; throws if it already was
   void enqueue_locked(QueuedTask* t);
   void finish(QueuedTask* t);  // marks t done, lets the next task run
 
