@@ -146,7 +146,13 @@ int run(int argc, char** argv) {
     else if (k == "--gemv") gemv = v;
     else if (k == "--gemm") gemm = v;
     else if (k == "--reps") reps = std::max(1, std::atoi(v.c_str()));
-    else if (k == "--next-hint") next_hint = std::atoi(v.c_str()) != 0;
+    else if (k == "--next-hint") {
+      if (v != "0" && v != "1") {
+        std::fprintf(stderr, "bench_kernels: --next-hint takes 0 or 1, got %s\n", v.c_str());
+        return 2;
+      }
+      next_hint = v == "1";
+    }
     else {
       std::fprintf(stderr, "bench_kernels: unknown option %s (see the comment at the top of bench/cpp/kernels.cpp)\n",
                    k.c_str());
