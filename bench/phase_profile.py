@@ -4,7 +4,7 @@ routing, encoding x, gate/up, encoding the intermediate, down, combine.
 
     .venv/bin/python bench/phase_profile.py --model qwen3-30b-a3b --method INT4 --tokens 1,1024 --threads 1,2
 
-Per step: microseconds per internal pass (a pass is at most 1024 tokens), and
+Per step: microseconds per internal pass (src/moe/pass_size.h: 1024-4096 tokens), and
 the rate of the two matrix steps: GB/s of packed weights read at decode
 (tokens <= 32; every routed expert's matrices are read once), TOP/s at
 prefill. Random bf16 weights at the model's shape; the experts used are

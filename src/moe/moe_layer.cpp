@@ -1,4 +1,4 @@
-// Orchestration of one MoE layer call. Per pass of at most kMaxTokensPerPass
+// Orchestration of one MoE layer call. Per pass of at most tokens_per_pass()
 // tokens:
 //   1. bucket the pairs by expert (routing.cpp);
 //   2. convert x to fp32 and encode it once for the format (all experts and
@@ -25,17 +25,12 @@
 #include "aligned_buffer.h"
 #include "kt_kernel/dispatch.h"
 #include "kt_kernel/pack.h"
+#include "moe/pass_size.h"
 #include "moe/routing.h"
 #include "thread_pool.h"
 
 namespace kt {
 namespace {
-
-// Tokens per internal pass. Bounds the scratch memory (about
-// 1024 * top_k * I * 6 bytes for the intermediate, e.g. 100 MB for
-// DeepSeek-V3) while leaving each expert of a 128-expert top-8 model about 64
-// tokens, enough for the GEMM kernels to run at full speed.
-constexpr size_t kMaxTokensPerPass = 1024;
 
 // Slices of the intermediate dimension start on multiples of this many
 // columns (kColPad, and any INT4 group up to 128), so every slice's packed K
@@ -473,8 +468,12 @@ void MoeLayer::forward(const MoeForwardArgs& args) {
     throw std::logic_error(std::string("backend ") + kt.name + " has no kernels for this format");
   std::lock_guard<std::mutex> lock(scratch().mutex);
   if (capture_on_) capture_.assign(args.tokens * cfg_.top_k * cfg_.intermediate, std::numeric_limits<float>::quiet_NaN());
-  for (size_t t0 = 0; t0 < args.tokens; t0 += kMaxTokensPerPass)
-    forward_pass(args, t0, std::min(kMaxTokensPerPass, args.tokens - t0), kt);
+  // One pass of 2048 tokens instead of two of 1024 gives each expert of a
+  // 128-expert top-8 layer ~128 rows instead of ~64 (Qwen3-30B-A3B INT8, 2
+  // threads, alternated call by call in one process: 87.3 -> 85.3 ms).
+  const size_t per_pass = tokens_per_pass(cfg_, slices_.size(), args.tokens);
+  for (size_t t0 = 0; t0 < args.tokens; t0 += per_pass)
+    forward_pass(args, t0, std::min(per_pass, args.tokens - t0), kt);
   note_backend_used(kt);
 }
 

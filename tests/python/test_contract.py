@@ -158,12 +158,12 @@ def test_thread_counts_and_numa_split_agree(backend, weights, fresh_pool, method
 
 
 def test_large_batch_is_chunked_internally(backend, weights):
-    """More tokens than one internal pass (1024) and than chunked_prefill_size: same as row by row."""
-    T = 1100
+    """More tokens than one internal pass (at most 4096) and than chunked_prefill_size: same as row by row."""
+    T = 4500
     x, ids, w = make_inputs(T, H, E, K, seed=5)
     wr = _wrapper(weights, chunked_prefill_size=512)
     y = wr.forward(x, ids, w)
-    parts = np.concatenate([wr.forward(x[i:i + 300], ids[i:i + 300], w[i:i + 300]) for i in range(0, T, 300)])
+    parts = np.concatenate([wr.forward(x[i:i + 1000], ids[i:i + 1000], w[i:i + 1000]) for i in range(0, T, 1000)])
     np.testing.assert_array_equal(y, parts)
 
 
@@ -231,6 +231,6 @@ def test_phase_times_account_for_passes_and_reset(backend, weights):
     assert all(v >= 0 for v in steps) and pt["gate_up"] > 0 and pt["down"] > 0
     assert sum(steps) <= wall  # the steps are parts of the call
     assert kt_kernel.phase_times()["passes"] == 0
-    big = make_inputs(2500, H, E, K)  # over the 1024-token pass
+    big = make_inputs(9000, H, E, K)  # over the largest pass (4096 tokens): 3 even passes
     wr.forward(*big)
     assert kt_kernel.phase_times()["passes"] == 3
