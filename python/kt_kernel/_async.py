@@ -48,26 +48,24 @@ def _output(wr, x_info, T: int, persistent: bool, use_stream: bool):
     """[T, H] in the input's dtype on the input's device; persistent for capture sizes (one per mode, so
     a CPU-mode call never writes a captured graph's output)."""
     obj = x_info.obj
-    key = (T, x_info.dtype, _device_key(x_info), use_stream)
     if persistent:
+        key = (T, x_info.dtype, _device_key(x_info), use_stream)
         buf = wr._out_cache.get(key)
-        if buf is not None:
-            return buf
-    if is_torch(obj) and obj.device.type != "cpu":
-        buf = obj.new_empty((T, wr.hidden_size))
-    else:
-        buf = empty_like_rows(obj, T, wr.hidden_size)
-    if persistent:
-        wr._out_cache[key] = buf
-    return buf
+        if buf is None:
+            buf = wr._out_cache[key] = _new_output(x_info, T, wr.hidden_size)
+        return buf
+    return _new_output(x_info, T, wr.hidden_size)
+
+
+def _new_output(x_info, T: int, H: int):
+    obj = x_info.obj
+    return obj.new_empty((T, H)) if x_info.device != "cpu" else empty_like_rows(obj, T, H)
 
 
 def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int,
            num_tokens: Optional[Any] = None, run_inline: bool = False) -> None:
     """run_inline (forward(), which syncs at once): in CPU mode the layer runs on this thread if no
     other layer task is queued or running, which saves the hand-off to the executor and back."""
-    from .wrapper import KTMoEWrapper
-
     if not wr._loaded:
         raise RuntimeError("weights are not loaded: call load_weights_from_tensors or load_weights first")
     if isinstance(cuda_stream, bool) or not isinstance(cuda_stream, (int, np.integer)) or cuda_stream < 0:
@@ -95,7 +93,7 @@ def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream
         tokens_dev = nt.ptr
     if wr._pending is not None:
         raise RuntimeError(f"layer {wr.layer_idx}: submit_forward called twice without sync_forward")
-    persistent = T in KTMoEWrapper._capture_batch_sizes
+    persistent = T in wr._capture_batch_sizes  # the class's list (set_capture_batch_sizes)
     y, y_ptr, y_stride = None, 0, 0
     if not use_stream:
         y = _output(wr, x, T, persistent, False)  # ours: [T, H], C-contiguous, on the CPU

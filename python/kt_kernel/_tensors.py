@@ -9,7 +9,6 @@ addresses it can trust.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,15 +52,17 @@ def is_torch(obj: Any) -> bool:
     return False
 
 
-@dataclass
 class TensorInfo:
-    obj: Any
-    name: str
-    dtype: str
-    shape: Tuple[int, ...]
-    strides: Tuple[int, ...]  # in elements
-    device: str
-    ptr: int
+    """What describe found: the object, its dtype name, shape, strides (in elements), device and
+    address. A plain class with slots: describe runs three times per layer call, and a dataclass
+    instance cost a third of a microsecond more."""
+
+    __slots__ = ("obj", "name", "dtype", "shape", "strides", "device", "ptr")
+
+    def __init__(self, obj: Any, name: str, dtype: str, shape: Tuple[int, ...], strides: Tuple[int, ...],
+                 device: str, ptr: int):
+        self.obj, self.name, self.dtype, self.shape = obj, name, dtype, shape
+        self.strides, self.device, self.ptr = strides, device, ptr
 
     @property
     def itemsize(self) -> int:
@@ -85,8 +86,8 @@ def _torch_info(t: Any, name: str) -> TensorInfo:
         if dt is None:
             raise TypeError(f"{name}: unsupported dtype {dtype}")
         _torch_dtype_names[dtype] = dt
-    # torch.Size and stride() are tuples of ints already.
-    return TensorInfo(t, name, dt, tuple(t.shape), tuple(t.stride()), t.device.type, t.data_ptr())
+    # torch.Size is a tuple of ints, stride() a tuple; is_cpu is 6x cheaper than device.type.
+    return TensorInfo(t, name, dt, t.shape, t.stride(), "cpu" if t.is_cpu else t.device.type, t.data_ptr())
 
 
 def data_ptr(obj: Any) -> int:
@@ -126,15 +127,14 @@ def describe(obj: Any, name: str, *, dtypes: Sequence[str], ndim: int,
     if len(info.shape) != ndim:
         raise ValueError(f"{name}: expected {ndim}-D, got shape {list(info.shape)}")
     if shape is not None:
-        for i, (got, want) in enumerate(zip(info.shape, shape)):
-            if want is not None and got != want:
-                raise ValueError(f"{name}: dimension {i} is {got}, expected {want} (shape {list(info.shape)})")
+        for i in range(ndim):
+            want = shape[i]
+            if want is not None and info.shape[i] != want:
+                raise ValueError(f"{name}: dimension {i} is {info.shape[i]}, expected {want} "
+                                 f"(shape {list(info.shape)})")
     if info.device != "cpu" and not (allow_cuda and info.device == "cuda"):
         raise ValueError(f"{name}: tensor on device '{info.device}', expected a CPU tensor")
-    numel = 1
-    for s in info.shape:
-        numel *= s
-    if numel > 0:
+    if 0 not in info.shape:
         if contiguous == "full":
             expect = 1
             for size, stride in zip(reversed(info.shape), reversed(info.strides)):
@@ -155,7 +155,7 @@ def torch_module():
 
 
 def empty_like_rows(template: Any, rows: int, cols: int):
-    """An uninitialised [rows, cols] array of the template's kind, dtype and (CPU) device."""
+    """An uninitialised [rows, cols] CPU array of the template's kind and dtype."""
     if is_torch(template):
-        return template.new_empty((rows, cols), device="cpu")
+        return template.new_empty((rows, cols)) if template.is_cpu else template.new_empty((rows, cols), device="cpu")
     return np.empty((rows, cols), dtype=template.dtype)

@@ -18,7 +18,7 @@ import numpy as np
 from . import _kt_kernel
 from . import _async
 from ._pool import get_pool
-from ._tensors import FLOAT_CODES, describe, is_torch, torch_module
+from ._tensors import FLOAT_CODES, data_ptr, describe, is_torch, torch_module
 
 # Native scheme codes (kt::QuantScheme).
 SCHEME_BF16, SCHEME_INT8, SCHEME_INT4_SYM, SCHEME_INT4_ASYM, SCHEME_INT8_GROUP, SCHEME_FP8 = 0, 1, 2, 3, 4, 5
@@ -188,6 +188,7 @@ class KTMoEWrapper:
         self._async = None  # native AsyncLayer, made on first submit (_async.py)
         self._async_owner = None
         self._expert_counts: Optional[np.ndarray] = None
+        self._mask_checked: Optional[tuple] = None  # _mask_ptr's last validated mask
         KTMoEWrapper._instances.add(self)
 
     def _make_mask(self, mask: Any, num_gpu_experts: int):
@@ -264,8 +265,21 @@ class KTMoEWrapper:
 
     # ----------------------------------------------------------------- forward
     def _mask_ptr(self) -> int:
-        info = describe(self.gpu_experts_mask, "gpu_experts_mask", dtypes=("bool",), ndim=1,
-                        shape=(self.num_experts,), contiguous="full")
+        """Address of gpu_experts_mask, validated again whenever the attribute holds another
+        object, or the same one with another dtype, shape, strides or address (a full describe
+        costs a microsecond per call, and the mask rarely changes)."""
+        m = self.gpu_experts_mask
+        if is_torch(m):
+            key = (m, m.dtype, m.shape, m.stride(), m.data_ptr())
+        else:
+            key = (m, getattr(m, "dtype", None), getattr(m, "shape", None), getattr(m, "strides", None),
+                   data_ptr(m) if isinstance(m, np.ndarray) else None)
+        checked = self._mask_checked
+        if checked is not None and checked[0] is m and checked[1:] == key[1:]:
+            return key[4]
+        info = describe(m, "gpu_experts_mask", dtypes=("bool",), ndim=1, shape=(self.num_experts,),
+                        contiguous="full")
+        self._mask_checked = key
         return info.ptr
 
     def forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0):

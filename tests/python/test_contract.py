@@ -92,6 +92,30 @@ def test_mask_updated_in_place_is_honoured(backend, weights):
     assert rel_fro_err(y_part, ref_part) < 0.06
 
 
+def test_mask_replaced_or_reshaped_is_checked_again(backend, weights):
+    """The mask's address is validated once per object and layout (not every call): a new object,
+    or the same one resized, is checked again before the next call reads it."""
+    x, ids, w = make_inputs(8, H, E, K)
+    wr = _wrapper(weights)
+    wr.forward(x, ids, w)
+    wr.gpu_experts_mask = torch.ones(E, dtype=torch.bool)  # a new object: honoured
+    assert not np.asarray(wr.forward(x, ids, w)).any()
+    wr.gpu_experts_mask = np.zeros(E, bool)  # NumPy works as well
+    assert rel_fro_err(wr.forward(x, ids, w), moe_reference(x, ids, w, *weights)) < 0.06
+    wr.gpu_experts_mask = torch.zeros(E + 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="gpu_experts_mask"):
+        wr.forward(x, ids, w)
+    good = torch.zeros(E, dtype=torch.bool)
+    wr.gpu_experts_mask = good
+    wr.forward(x, ids, w)
+    good.resize_(2)  # the same object, now too short for the ids that the layer reads
+    with pytest.raises(ValueError, match="gpu_experts_mask"):
+        wr.forward(x, ids, w)
+    wr.gpu_experts_mask = torch.zeros(E, dtype=torch.int32)
+    with pytest.raises(TypeError, match="gpu_experts_mask"):
+        wr.forward(x, ids, w)
+
+
 def test_legacy_num_gpu_experts_prefix(backend, weights):
     x, ids, w = make_inputs(8, H, E, K)
     wr = _wrapper(weights, num_gpu_experts=3)
