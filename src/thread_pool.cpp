@@ -21,17 +21,27 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "topology.h"
 
 namespace kt {
 namespace {
 
-// How long a worker keeps spinning after a job before it sleeps: long enough
-// that the next step of a layer (launched microseconds later) finds it awake,
-// short enough that an idle pool stops burning CPU almost at once.
-constexpr std::chrono::nanoseconds kWorkerSpinBudget{80'000};
+// How long a worker keeps spinning after a job before it sleeps, unless
+// KT_KERNEL_SPIN_US says otherwise: long enough that the next layer call of
+// a decode step, after the GPU's attention in between, still finds it awake;
+// an idle pool stops burning CPU 2 ms after its last job. A woken worker
+// takes ~30 us to run again in this VM (bench_dispatch_latency, "cold"),
+// which a decode call pays inside its first parallel step: with 200 us-1 ms
+// between calls, 2 ms instead of 80 us saved 20-28 us per 1-token call
+// (bench/spin_gap.py: DeepSeek-V2-Lite INT4 561.6 -> 533.8 us, Qwen3-30B-A3B
+// INT8 745.4 -> 719.6 us; 2 threads, alternated call by call).
+constexpr std::chrono::nanoseconds kDefaultWorkerSpin{2'000'000};
+constexpr const char* kSpinEnvVar = "KT_KERNEL_SPIN_US";
 // How long the caller, its own share done, spins for the workers before it
 // sleeps. Longer: tasks come from a shared counter, so the workers normally
 // finish within one task of the caller, and a worker that had to be woken
@@ -125,8 +135,26 @@ struct ThreadPool::Job {
   std::exception_ptr error;  // written once, by the thread that set `failed`
 };
 
-ThreadPool::ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin)
-    : num_threads_(num_threads), subpool_nodes_(subpool_numa_nodes) {
+std::chrono::nanoseconds ThreadPool::worker_spin_from_env() {
+  const char* v = std::getenv(kSpinEnvVar);
+  if (!v || !*v) return kDefaultWorkerSpin;
+  // Digits only (no sign, space or suffix), at most an hour: anything else
+  // is a typo, refused rather than read as something else.
+  unsigned long long us = 0;
+  bool ok = std::strlen(v) <= 10;
+  for (const char* c = v; ok && *c; ++c) {
+    ok = *c >= '0' && *c <= '9';
+    us = us * 10 + unsigned(*c - '0');
+  }
+  if (!ok || us > 3'600'000'000ULL)
+    throw std::invalid_argument(std::string(kSpinEnvVar) + "=" + v +
+                                ": expected microseconds, a whole number from 0 to 3600000000");
+  return std::chrono::microseconds(us);
+}
+
+ThreadPool::ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin,
+                       std::chrono::nanoseconds worker_spin)
+    : num_threads_(num_threads), subpool_nodes_(subpool_numa_nodes), worker_spin_ns_(worker_spin.count()) {
   if (num_threads_ < 1) throw std::invalid_argument("ThreadPool: num_threads must be >= 1");
   if (subpool_nodes_.empty()) subpool_nodes_.push_back(topology().nodes.front().os_index);
   const size_t n = size_t(num_threads_);
@@ -206,7 +234,7 @@ void ThreadPool::worker_main(int thread, bool pin) {
 
 uint64_t ThreadPool::wait_for_next_job(uint64_t seen) {
   auto published = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-  while (!spin_until(published, oversubscribed_, kWorkerSpinBudget)) {
+  while (!spin_until(published, oversubscribed_, worker_spin())) {
     sleeping_.fetch_add(1);
     // Read after announcing the sleep: a wake() that saw this sleeper bumps
     // the epoch after this load, and the predicate below sees it.

@@ -8,12 +8,14 @@
 // one per NUMA node; that is the only topology feature. No OpenMP: the host
 // process (PyTorch) runs its own.
 //
-// Workers spin briefly after a job (dispatch of the next job then costs a few
-// microseconds), then sleep on a condition variable so an idle pool burns no
-// CPU.
+// Workers spin after a job (dispatch of the next job then costs a few
+// microseconds), 2 ms unless the environment variable KT_KERNEL_SPIN_US
+// (microseconds, read when the pool is made) says otherwise, then sleep on a
+// condition variable so an idle pool burns no CPU.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -46,18 +48,28 @@ class FunctionRef<R(Args...)> {
 
 class ThreadPool {
  public:
+  // KT_KERNEL_SPIN_US, or the default (2 ms); throws std::invalid_argument
+  // naming the variable when it is not a whole number of microseconds.
+  static std::chrono::nanoseconds worker_spin_from_env();
+
   // num_threads: total threads including the caller (>= 1).
   // subpool_numa_nodes: NUMA node (OS index) of each sub-pool; threads are
   // spread evenly over sub-pools (sub-pool s gets threads
   // [s*n/S, (s+1)*n/S); with fewer threads than sub-pools, thread t is in
   // sub-pool t). The caller is thread 0 of sub-pool 0. Workers are
   // pinned to the CPUs of their node when `pin` is true and the node exists.
-  ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin);
+  // worker_spin: how long workers spin after a job before they sleep.
+  ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin,
+             std::chrono::nanoseconds worker_spin = worker_spin_from_env());
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int num_threads() const { return num_threads_; }
+  // How long workers spin after a job before they sleep; settable at any
+  // time (a worker reads it as it finishes each job).
+  std::chrono::nanoseconds worker_spin() const { return std::chrono::nanoseconds(worker_spin_ns_.load()); }
+  void set_worker_spin(std::chrono::nanoseconds d) { worker_spin_ns_.store(d.count()); }
   int num_subpools() const { return int(subpool_nodes_.size()); }
   int subpool_of_thread(int thread) const { return thread_subpool_[size_t(thread)]; }
   const std::vector<int>& subpool_numa_nodes() const { return subpool_nodes_; }
@@ -99,6 +111,7 @@ class ThreadPool {
 
   int num_threads_;
   std::vector<int> subpool_nodes_;
+  std::atomic<int64_t> worker_spin_ns_;
   std::vector<int> thread_subpool_;
   std::vector<std::thread> workers_;
 

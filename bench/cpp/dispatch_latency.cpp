@@ -77,7 +77,9 @@ int main(int argc, char** argv) {
   const int node = topo.nodes.front().os_index;
   const bool caller_pinned = pin && kt::pin_current_thread(node, 0);
   const int cold_reps = std::max(1, std::min(reps / 20, 500));
-  const auto cold_gap = std::chrono::microseconds(1000);
+  // Past the workers' spin (ThreadPool::worker_spin(), KT_KERNEL_SPIN_US) by 1 ms.
+  const auto cold_gap = std::chrono::duration_cast<std::chrono::microseconds>(kt::ThreadPool::worker_spin_from_env()) +
+                        std::chrono::microseconds(1000);
 
   std::printf("dispatch latency of an empty parallel_for (tasks = threads), %d PUs, %d cores, pin=%d (caller %s)\n",
               topo.num_pus, topo.num_cores, int(pin), caller_pinned ? "pinned" : "unpinned");

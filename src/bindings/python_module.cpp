@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -270,6 +271,13 @@ PYBIND11_MODULE(_kt_kernel, m) {
       .def_property_readonly("num_threads", &ThreadPool::num_threads)
       .def_property_readonly("num_subpools", &ThreadPool::num_subpools)
       .def_property_readonly("numa_nodes", &ThreadPool::subpool_numa_nodes)
+      .def_property(
+          "worker_spin_us", [](const ThreadPool& p) { return double(p.worker_spin().count()) / 1e3; },
+          [](ThreadPool& p, double us) {
+            if (!(us >= 0 && us <= 3.6e9)) throw py::value_error("worker_spin_us: expected 0 to 3.6e9 microseconds");
+            p.set_worker_spin(std::chrono::nanoseconds(int64_t(us * 1e3)));
+          },
+          "How long idle workers spin after a job before they sleep (default KT_KERNEL_SPIN_US, else 2000)")
       .def("wake", &ThreadPool::wake, "Gets sleeping workers spinning ahead of a job (a layer call about to start)")
       .def("run_empty_jobs", [](ThreadPool& p, size_t n) {
         // Dispatch-latency probe for the bench: n empty jobs of one task per thread.

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -132,9 +133,9 @@ TEST(ThreadPool, BackToBackJobs) {
 }
 
 TEST(ThreadPool, JobsAfterWorkersFellAsleep) {
-  // Gaps around the spin budget, so that publishing races with workers
-  // going to sleep (and the caller's own wait races with its sleep).
-  ThreadPool pool(3, {first_node()}, false);
+  // Gaps around the spin budget (80 us here), so that publishing races with
+  // workers going to sleep (and the caller's own wait races with its sleep).
+  ThreadPool pool(3, {first_node()}, false, std::chrono::microseconds(80));
   for (int gap_us : {0, 20, 60, 80, 100, 150, 300, 1000, 3000}) {
     for (int rep = 0; rep < 4; ++rep) {
       std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
@@ -162,7 +163,7 @@ bool eventually(Cond cond) {
 }
 
 TEST(ThreadPool, WakeGetsSleepersSpinningAndTheyFallAsleepAgain) {
-  ThreadPool pool(3, {first_node()}, false);
+  ThreadPool pool(3, {first_node()}, false, std::chrono::microseconds(80));
   pool.parallel_for(3, [](size_t, int) {});  // workers started and past their first job
   ASSERT_TRUE(eventually([&] { return pool.sleeping_workers() == 2; }));
   const uint64_t before = pool.early_wakeups();
@@ -182,6 +183,43 @@ TEST(ThreadPool, WakeGetsSleepersSpinningAndTheyFallAsleepAgain) {
     });
     c.expect_each_once("after wake, rep " + std::to_string(rep));
   }
+}
+
+// KT_KERNEL_SPIN_US sets how long workers spin; anything but a whole number
+// of microseconds is refused with the variable's name, never misread.
+TEST(ThreadPool, SpinBudgetFromTheEnvironment) {
+  const char* name = "KT_KERNEL_SPIN_US";
+  const char* saved = std::getenv(name);
+  const std::string restore = saved ? saved : "";
+  unsetenv(name);
+  EXPECT_EQ(ThreadPool::worker_spin_from_env(), std::chrono::milliseconds(2));
+  setenv(name, "150", 1);
+  EXPECT_EQ(ThreadPool::worker_spin_from_env(), std::chrono::microseconds(150));
+  {
+    ThreadPool pool(2, {first_node()}, false);
+    EXPECT_EQ(pool.worker_spin(), std::chrono::microseconds(150));
+  }
+  setenv(name, "0", 1);  // sleep at once: jobs still run
+  {
+    ThreadPool pool(2, {first_node()}, false);
+    HitCounter c(64);
+    for (int rep = 0; rep < 20; ++rep) pool.parallel_for(64, [&](size_t task, int) { c.hits[task].fetch_add(1); });
+    for (size_t t = 0; t < 64; ++t) EXPECT_EQ(c.hits[t].load(), 20) << t;
+  }
+  for (const char* bad : {"abc", "-1", "12x", " 5", "99999999999999999999", "3600000001"}) {
+    setenv(name, bad, 1);
+    try {
+      ThreadPool::worker_spin_from_env();
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(ThreadPool(2, {first_node()}, false), std::invalid_argument) << bad;
+  }
+  if (saved)
+    setenv(name, restore.c_str(), 1);
+  else
+    unsetenv(name);
 }
 
 TEST(ThreadPool, ExceptionReachesCallerAndPoolStaysUsable) {

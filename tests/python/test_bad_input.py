@@ -122,3 +122,20 @@ def test_set_backend_errors():
             with pytest.raises(ValueError, match=f"'{name}' is not available on this machine"):
                 kt_kernel.set_backend(name)
     assert kt_kernel.current_backend() in kt_kernel.backends()
+
+
+@pytest.mark.parametrize("value", ["2ms", "-5", "1e3", ""])
+def test_bad_spin_setting_is_refused_when_the_pool_is_made(monkeypatch, value):
+    """KT_KERNEL_SPIN_US (how long idle workers spin, microseconds) is read when the shared pool is
+    made: a value that is not a whole number raises, naming the variable; empty means the default."""
+    monkeypatch.setenv("KT_KERNEL_SPIN_US", value)
+    kt_kernel._pool.reset_pool_for_tests()
+    try:
+        if value == "":
+            make_wrapper(E, K, H, I, "AMXINT8")
+        else:
+            with pytest.raises(ValueError, match="KT_KERNEL_SPIN_US"):
+                make_wrapper(E, K, H, I, "AMXINT8")
+    finally:
+        monkeypatch.delenv("KT_KERNEL_SPIN_US")
+        kt_kernel._pool.reset_pool_for_tests()
