@@ -177,19 +177,23 @@ struct Streams {
   // group (token tile k >= 1 of a group warms its block k - 1).
   ptrdiff_t pf_jump;
   const uint8_t* pf_line;
-  // Both variants, in the first group of blocks of a call over contiguous
-  // activation rows (down): step i < pf_acts_lines also prefetches line i
-  // of pf_acts, the next token tile's rows, into L2. The rows of an expert
-  // are read for the first time there, from L3 or memory; without it those
+  // L2 variant, in the first group of blocks of a call over contiguous
+  // activation rows (down): step i also prefetches line min(i, pf_acts_last)
+  // of pf_acts, the next token tile's rows, into L2 (elsewhere pf_acts is
+  // the tile's own first row, pf_acts_last 0: one cached line). The rows of
+  // an expert are read for the first time there, from L3 or memory: those
   // tiles took 1.8x as long as later groups' (INT8 down, Qwen3-30B-A3B at
-  // 2048 tokens, 2 threads, cycles per tile), with it 1.1x: the layer call
-  // 92.9 -> 90.3 ms (alternated call by call in one process).
+  // 2048 tokens, 2 threads, TSC cycles per tile), 1.1x with the prefetch.
   const char* pf_acts;
-  size_t pf_acts_lines;
+  size_t pf_acts_last;
 };
 
+// An asm statement, not _mm_prefetch: GCC 12 dropped that prefetch from the
+// tiles' k loops altogether (as an `if (i < lines)` and as a clamped index
+// alike; seen in the disassembly), and the tiles ran as if it were absent.
 static inline void prefetch_next_acts(const Streams& s, size_t i) {
-  if (i < s.pf_acts_lines) _mm_prefetch(s.pf_acts + i * 64, _MM_HINT_T1);
+  const char* line = s.pf_acts + (i < s.pf_acts_last ? i : s.pf_acts_last) * 64;
+  __asm__ volatile("prefetcht1 %0" : : "m"(*line));
 }
 
 // GEMV prefetch offset for the step at byte offset wo of a block.
@@ -309,8 +313,10 @@ __attribute__((always_inline)) static inline void dot_steps(const Streams& s, co
     for (int ks = 0; ks < KS; ++ks) {
       const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 4;
       const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-      prefetch_next_acts(s, i + ks);
-      if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+      if (!PF) {
+        _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+        prefetch_next_acts(s, i + ks);
+      }
       __m512i wv[NS];
 #pragma GCC unroll 64
       for (int j = 0; j < NS; ++j) {
@@ -442,11 +448,12 @@ static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, siz
         s.pf_line = warm_base[k / warm_nb] + (warm_b + k % warm_nb) * bytes;
       }
       fill_tokens(a, t0, mt, &tk);
-      s.pf_acts_lines = 0;
+      s.pf_acts = reinterpret_cast<const char*>(tk.act[0]);
+      s.pf_acts_last = 0;
       if (b == bb && !a.row_index && t0 + mt < m) {
         const size_t next_mt = min_sz(plan.tile_tokens, m - t0 - mt);
         s.pf_acts = reinterpret_cast<const char*>(a.data + (t0 + mt) * a.row_bytes);
-        s.pf_acts_lines = min_sz(s.steps, (next_mt * a.row_bytes + 63) / 64);
+        s.pf_acts_last = min_sz(s.steps, (next_mt * a.row_bytes + 63) / 64) - 1;
       }
       pre(b, nb, t0, mt, &tk);
       (tile ? plan.rest : plan.first)(ns, mt)(s, tk, res);
