@@ -54,21 +54,16 @@ struct TileQ8 {
       for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
         for (int t = 0; t < MT; ++t) acc[0][j][t] = _mm512_add_epi32(acc[0][j][t], acc[c][j][t]);
-    // v = float(acc - comp) * (a_scale * w_scale), as the reference. The
-    // int32 sums pass through res: computed straight from acc, GCC kept acc
-    // in memory through the k loop (INT8 GEMM at 40% of its speed).
-#pragma GCC unroll 64
-    for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-      for (int t = 0; t < MT; ++t) _mm512_store_si512(res + (j * MT + t) * 16, acc[0][j][t]);
-    memory_barrier(res, res);
+    // v = float(acc - comp) * (a_scale * w_scale), as the reference,
+    // straight from the registers (keep_in_registers; without it GCC kept
+    // acc in memory through the k loop: INT8 GEMM at 40% of its speed).
+    keep_in_registers(acc[0]);
     __m512 v[NS][MT];
 #pragma GCC unroll 64
     for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
       for (int t = 0; t < MT; ++t)
-        v[j][t] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(res + (j * MT + t) * 16),
-                                                                    _mm512_loadu_si512(s.comp[j]))),
+        v[j][t] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][j][t], _mm512_loadu_si512(s.comp[j]))),
                                 _mm512_mul_ps(_mm512_set1_ps(tk.scale[t]), _mm512_loadu_ps(s.scales[j])));
     emit_tile<NS, MT>(tk, res, v);
   }
@@ -102,7 +97,6 @@ template <int NS, int MT, bool PF>
 struct TileQ8G {
   static void run(const Streams& s, const Tokens& tk, float* res) {
     alignas(64) float facc[NS * MT * 16];
-    alignas(64) int32_t iacc[NS * MT * 16];
 #pragma GCC unroll 64
     for (int i = 0; i < NS * MT; ++i) _mm512_store_ps(facc + i * 16, _mm512_setzero_ps());
     const size_t gsteps = s.group_steps;
@@ -111,11 +105,7 @@ struct TileQ8G {
       __m512i acc[1][NS][MT];
       zero_acc<DotU8S8>(acc);
       dot_steps<DotU8S8, PF>(s, tk, i, i + gsteps, acc);
-#pragma GCC unroll 64
-      for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-        for (int t = 0; t < MT; ++t) _mm512_store_si512(iacc + (j * MT + t) * 16, acc[0][j][t]);
-      memory_barrier(iacc, facc);
+      keep_in_registers(acc[0]);
 #pragma GCC unroll 64
       for (int j = 0; j < NS; ++j) {
         const __m512i comp = _mm512_loadu_si512(s.comp[j] + g * kRowBlock);
@@ -123,7 +113,7 @@ struct TileQ8G {
 #pragma GCC unroll 64
         for (int t = 0; t < MT; ++t) {
           float* f = facc + (j * MT + t) * 16;
-          const __m512i d = _mm512_sub_epi32(_mm512_load_si512(iacc + (j * MT + t) * 16), comp);
+          const __m512i d = _mm512_sub_epi32(acc[0][j][t], comp);
           _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, _mm512_load_ps(f)));
         }
       }
