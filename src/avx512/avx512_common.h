@@ -87,23 +87,16 @@ static inline int32_t load_i32(const void* p) {
 
 static inline __m512i bcast32(const void* p) { return _mm512_set1_epi32(load_i32(p)); }
 
-// Tile kernels hand their accumulators to the epilogue through stack tiles
-// behind this barrier, which also makes the tiles escape (a plain "memory"
-// clobber does not cover a local array whose address is never taken, and
-// GCC would then keep the tile in registers). Without it GCC 12 keeps a
-// memory copy of every accumulator and stores it on each step of the k loop
-// (the register allocator places the epilogue's spills inside the loop),
-// which halves the GEMM speed.
-static inline void memory_barrier(const void* a, const void* b) {
-  __asm__ volatile("" : : "r"(a), "r"(b) : "memory");
-}
-
-// The other cure, cheaper: an empty asm that takes every accumulator in a
-// vector register ("+v") right after the k loop. GCC then allocates them to
-// registers through the loop, and the epilogue reads them straight from
-// there, without the round trip through a stack tile (INT4 g128 prefill,
-// whose tiles closed each group through one: +10-13% on one core,
-// bench_kernels; g32 +22-27%).
+// Read straight after the k loop by an epilogue, a tile's accumulators make
+// GCC 12 keep a memory copy of each and store it on every step of the loop
+// (the register allocator places the epilogue's spills inside it), which
+// halves the GEMM speed. The cure: an empty asm that takes every accumulator
+// in a vector register ("+v") right after the loop; GCC then keeps them in
+// registers throughout, and the epilogue reads them from there. (The earlier
+// cure, a round trip through a stack tile behind a memory barrier, cost the
+// grouped tiles, which close every group: bench_kernels on one core, 128
+// tokens, this instead of it: INT4 g128 +6-9%, INT4 g32 with mins +15-18%,
+// INT8 g32 +20-25%; INT8 per channel, one close per tile, alike.)
 template <int NS, int MT>
 __attribute__((always_inline)) static inline void keep_in_registers(__m512i (&acc)[NS][MT]) {
 #pragma GCC unroll 64

@@ -65,7 +65,6 @@ struct Q4 {
     static constexpr bool kFoldOffset = !kMins && kKS * kLH == 1;
     static void run(const Streams& s, const Tokens& tk, float* res) {
       alignas(64) float facc[NS * MT * 16];
-      alignas(64) int32_t iacc[NS * MT * 16];  // decode tiles: the group's int32 sums
 #pragma GCC unroll 64
       for (int i = 0; i < NS * MT; ++i) _mm512_store_ps(facc + i * 16, _mm512_setzero_ps());
       const __m512i nib = _mm512_set1_epi8(0x0f);
@@ -135,37 +134,17 @@ struct Q4 {
             }
           }
         }
-        if (kKS * kLH == 1) {
-          // GEMM tiles (one accumulator set): each group folded into the
-          // fp32 accumulators straight from the registers (keep_in_registers).
-          keep_in_registers(acc[0]);
-          if (!kFoldOffset) group_sums(tk, g, spg, asum);
+        // The sets summed into the first (integer sums: exact in any order),
+        // then the group folded into the fp32 accumulators straight from the
+        // registers (keep_in_registers).
 #pragma GCC unroll 64
-          for (int j = 0; j < NS; ++j) {
-            const __m512 sc = _mm512_loadu_ps(s.scales[j] + g * kRowBlock);
-            const __m512 mn = kMins ? _mm512_loadu_ps(s.mins[j] + g * kRowBlock) : _mm512_setzero_ps();
+        for (int c = 1; c < kKS * kLH; ++c)
 #pragma GCC unroll 64
-            for (int t = 0; t < MT; ++t) {
-              float* f = facc + (j * MT + t) * 16;
-              _mm512_store_ps(f, group_step(acc[0][j][t], sc, mn, asum[t], _mm512_load_ps(f)));
-            }
-          }
-          continue;
-        }
-        // Decode tiles (several accumulator sets): the sets summed into a
-        // stack tile, the fold reading it back (memory-bound, so the round
-        // trip costs nothing there).
+          for (int j = 0; j < NS; ++j)
 #pragma GCC unroll 64
-        for (int j = 0; j < NS; ++j)
-#pragma GCC unroll 64
-          for (int t = 0; t < MT; ++t) {
-            __m512i d = acc[0][j][t];
-#pragma GCC unroll 64
-            for (int c = 1; c < kKS * kLH; ++c) d = _mm512_add_epi32(d, acc[c][j][t]);
-            _mm512_store_si512(iacc + (j * MT + t) * 16, d);
-          }
-        memory_barrier(iacc, facc);
-        group_sums(tk, g, spg, asum);
+            for (int t = 0; t < MT; ++t) acc[0][j][t] = _mm512_add_epi32(acc[0][j][t], acc[c][j][t]);
+        keep_in_registers(acc[0]);
+        if (!kFoldOffset) group_sums(tk, g, spg, asum);
 #pragma GCC unroll 64
         for (int j = 0; j < NS; ++j) {
           const __m512 sc = _mm512_loadu_ps(s.scales[j] + g * kRowBlock);
@@ -173,8 +152,7 @@ struct Q4 {
 #pragma GCC unroll 64
           for (int t = 0; t < MT; ++t) {
             float* f = facc + (j * MT + t) * 16;
-            _mm512_store_ps(f, group_step(_mm512_load_si512(iacc + (j * MT + t) * 16), sc, mn, asum[t],
-                                          _mm512_load_ps(f)));
+            _mm512_store_ps(f, group_step(acc[0][j][t], sc, mn, asum[t], _mm512_load_ps(f)));
           }
         }
       }
