@@ -195,11 +195,15 @@ struct Streams {
   size_t pf_acts_last;
 };
 
-// An asm statement, not _mm_prefetch: GCC 12 dropped that prefetch from the
-// tiles' k loops altogether (as an `if (i < lines)` and as a clamped index
-// alike; seen in the disassembly), and the tiles ran as if it were absent.
-static inline void prefetch_next_acts(const Streams& s, size_t i) {
-  const char* line = s.pf_acts + (i < s.pf_acts_last ? i : s.pf_acts_last) * 64;
+// The L2 variant's prefetches at step `step` (weight bytes `wo` into the
+// block): line wo of pf_line, and line min(step, pf_acts_last) of pf_acts.
+// Every format's k loop calls this one helper. The activation line is an asm
+// statement, not _mm_prefetch: GCC 12 dropped that prefetch from the tiles'
+// k loops altogether (as an `if (i < lines)` and as a clamped index alike;
+// seen in the disassembly), and the tiles ran as if it were absent.
+static inline void l2_step_prefetches(const Streams& s, size_t wo, size_t step) {
+  _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+  const char* line = s.pf_acts + (step < s.pf_acts_last ? step : s.pf_acts_last) * 64;
   __asm__ volatile("prefetcht1 %0" : : "m"(*line));
 }
 
@@ -320,10 +324,7 @@ __attribute__((always_inline)) static inline void dot_steps(const Streams& s, co
     for (int ks = 0; ks < KS; ++ks) {
       const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 4;
       const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-      if (!PF) {
-        _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
-        prefetch_next_acts(s, i + ks);
-      }
+      if (!PF) l2_step_prefetches(s, wo, i + ks);
       __m512i wv[NS];
 #pragma GCC unroll 64
       for (int j = 0; j < NS; ++j) {

@@ -75,7 +75,7 @@ struct TileFp8 {
       for (const size_t end = i + gsteps; i < end; ++i) {
         const size_t wo = i * kStepBytes, ao = i * 8;  // 4 k of bf16 activations
         const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-        if (!PF) _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
+        if (!PF) l2_step_prefetches(s, wo, i);
         __m512bh wa[NS], wb[NS];
 #pragma GCC unroll 64
         for (int j = 0; j < NS; ++j) {

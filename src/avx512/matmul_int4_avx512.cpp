@@ -108,10 +108,7 @@ struct Q4 {
           for (int ks = 0; ks < kKS; ++ks) {
             const size_t wo = (i + ks) * kStepBytes, ao = (i + ks) * 8;
             const ptrdiff_t pfo = PF ? gemv_prefetch_offset(s, wo) : 0;
-            if (!PF) {
-              _mm_prefetch(reinterpret_cast<const char*>(s.pf_line + wo), kGemmPrefetchHint);
-              prefetch_next_acts(s, i + ks);
-            }
+            if (!PF) l2_step_prefetches(s, wo, i + ks);
             __m512i lo[NS], hi[NS];
 #pragma GCC unroll 64
             for (int j = 0; j < NS; ++j) {
