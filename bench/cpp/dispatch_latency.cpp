@@ -56,7 +56,7 @@ std::vector<double> measure(kt::ThreadPool& pool, int reps, std::chrono::microse
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   std::vector<int> threads;
   int reps = 20000;
   bool pin = true;
@@ -77,9 +77,6 @@ int main(int argc, char** argv) {
   const int node = topo.nodes.front().os_index;
   const bool caller_pinned = pin && kt::pin_current_thread(node, 0);
   const int cold_reps = std::max(1, std::min(reps / 20, 500));
-  // Past the workers' spin (ThreadPool::worker_spin(), KT_KERNEL_SPIN_US) by 1 ms.
-  const auto cold_gap = std::chrono::duration_cast<std::chrono::microseconds>(kt::ThreadPool::worker_spin_from_env()) +
-                        std::chrono::microseconds(1000);
 
   std::printf("dispatch latency of an empty parallel_for (tasks = threads), %d PUs, %d cores, pin=%d (caller %s)\n",
               topo.num_pus, topo.num_cores, int(pin), caller_pinned ? "pinned" : "unpinned");
@@ -91,6 +88,9 @@ int main(int argc, char** argv) {
   for (int n : threads) {
     if (n < 1) continue;
     kt::ThreadPool pool(n, {node}, pin);
+    // Past the workers' spin (KT_KERNEL_SPIN_US, else 2 ms) by 1 ms.
+    const auto cold_gap =
+        std::chrono::duration_cast<std::chrono::microseconds>(pool.worker_spin()) + std::chrono::microseconds(1000);
     // Warm-up; also gives the scheduler time to move a new worker off the
     // caller's CPU.
     measure(pool, 10000, std::chrono::microseconds(0));
@@ -115,4 +115,13 @@ int main(int argc, char** argv) {
   json += "]}";
   std::printf("%s\n", json.c_str());
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {  // a malformed KT_KERNEL_SPIN_US, a failed thread start
+    std::fprintf(stderr, "bench_dispatch_latency: %s\n", e.what());
+    return 2;
+  }
 }
