@@ -81,6 +81,9 @@ class Registry {
             b.provider[s] = src->provider[s];
           }
         }
+        RowConvertKernels& c = b.table.convert;
+        if (!c.bf16_to_f32) c.bf16_to_f32 = src->table.convert.bf16_to_f32;
+        if (!c.f32_to_bf16) c.f32_to_bf16 = src->table.convert.f32_to_bf16;
       }
       b.available = true;
     }

@@ -68,9 +68,19 @@ struct FormatKernels {
                const float* row_weight, float* const* out_rows) = nullptr;
 };
 
+// The caller's bf16 rows to fp32 (x, before its encoding) and the fp32 layer
+// output back to bf16 (y), n values each: widening is exact, narrowing
+// rounds to nearest even and keeps a NaN a quiet NaN (types.h f32_to_bf16).
+// Bit-identical in every backend. Other dtypes convert in baseline code.
+struct RowConvertKernels {
+  void (*bf16_to_f32)(const uint16_t* src, size_t n, float* dst) = nullptr;
+  void (*f32_to_bf16)(const float* src, size_t n, uint16_t* dst) = nullptr;
+};
+
 struct KernelTable {
   const char* name = nullptr;  // "scalar", "avx2", "avx512", "amx", "amx-emu"
   FormatKernels formats[kNumSchemes];
+  RowConvertKernels convert;
 };
 
 static inline const FormatKernels& kernels_for(const KernelTable& t, QuantScheme s) {

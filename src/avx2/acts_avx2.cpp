@@ -121,5 +121,33 @@ void prepare_acts_s8_sums__avx2(const float* x, size_t rows, size_t k, size_t ld
                                     out.group_sums + r * out.group_sums_stride);
 }
 
+void bf16_to_f32_row__avx2(const uint16_t* src, size_t n, float* dst) {
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) {
+    const uint32_t bits = uint32_t(src[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(bits));
+  }
+}
+
+void f32_to_bf16_row__avx2(const float* src, size_t n, uint16_t* dst) {
+  for (size_t i = 0; i < n; i += kBf16Chunk) {
+    const size_t m = n - i < kBf16Chunk ? n - i : kBf16Chunk;
+    const __m256i lo = bf16_bits(load_padded(src, i, n));
+    const __m256i hi = bf16_bits(load_padded(src, i + kLanes, n));
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+    if (m == kBf16Chunk) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+    } else {
+      alignas(32) uint16_t t[kBf16Chunk];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), h);
+      std::memcpy(dst + i, t, m * sizeof(uint16_t));
+    }
+  }
+}
+
 }  // namespace avx2
 }  // namespace kt

@@ -9,6 +9,9 @@ namespace kt {
 namespace avx2 {
 
 void fill_table(KernelTable* t, bool use_vnni) {
+  t->convert.bf16_to_f32 = bf16_to_f32_row__avx2;
+  t->convert.f32_to_bf16 = f32_to_bf16_row__avx2;
+
   FormatKernels& bf16 = t->formats[int(QuantScheme::kBF16)];
   bf16.prepare_acts = prepare_acts_bf16__avx2;
   bf16.gate_up = gate_up_bf16w_bf16a__avx2;

@@ -25,6 +25,10 @@ PrepareActsKernel prepare_acts_bf16__avx2;
 PrepareActsKernel prepare_acts_u8__avx2;       // INT8: u8 = q + 128
 PrepareActsKernel prepare_acts_s8_sums__avx2;  // INT4: s8 = q, int32 sums per 32 k
 
+// RowConvertKernels.
+void bf16_to_f32_row__avx2(const uint16_t* src, size_t n, float* dst);
+void f32_to_bf16_row__avx2(const float* src, size_t n, uint16_t* dst);
+
 GateUpKernel gate_up_bf16w_bf16a__avx2;
 DownKernel down_bf16w_bf16a__avx2;
 

@@ -109,5 +109,28 @@ void prepare_acts_s8_sums__avx512(const float* x, size_t rows, size_t k, size_t 
   }
 }
 
+void bf16_to_f32_row__avx512(const uint16_t* src, size_t n, float* dst) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+  if (i < n) {
+    const __mmask16 m = tail_mask16(n - i);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i));
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+}
+
+void f32_to_bf16_row__avx512(const float* src, size_t n, uint16_t* dst) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), bf16_rne16(_mm512_loadu_ps(src + i)));
+  if (i < n) {
+    const __mmask16 m = tail_mask16(n - i);
+    _mm256_mask_storeu_epi16(dst + i, m, bf16_rne16(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+
 }  // namespace avx512
 }  // namespace kt

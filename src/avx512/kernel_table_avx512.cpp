@@ -9,6 +9,9 @@
 namespace kt {
 
 void fill_kernels_avx512(KernelTable* t, const CpuFeatures& cpu) {
+  t->convert.bf16_to_f32 = avx512::bf16_to_f32_row__avx512;
+  t->convert.f32_to_bf16 = avx512::f32_to_bf16_row__avx512;
+
   FormatKernels& i8 = t->formats[int(QuantScheme::kInt8PerChannel)];
   i8.prepare_acts = avx512::prepare_acts_u8__avx512;
   i8.gate_up = avx512::gate_up_q8w_u8a__avx512;

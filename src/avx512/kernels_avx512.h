@@ -14,6 +14,9 @@ namespace avx512 {
 void prepare_acts_bf16__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out);
 void prepare_acts_u8__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out);
 void prepare_acts_s8_sums__avx512(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out);
+// RowConvertKernels (AVX-512 F/BW).
+void bf16_to_f32_row__avx512(const uint16_t* src, size_t n, float* dst);
+void f32_to_bf16_row__avx512(const float* src, size_t n, uint16_t* dst);
 
 // INT8 weights x u8 (q + 128) activations.
 void gate_up_q8w_u8a__avx512(const PackedMatrixView& gate, const PackedMatrixView& up, size_t block_begin,

@@ -39,6 +39,14 @@ float quantize_row_i8(const float* x, size_t k, int8_t* q) {
   return amax / 127.0f;
 }
 
+void bf16_to_f32_row(const uint16_t* src, size_t n, float* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+void f32_to_bf16_row(const float* src, size_t n, uint16_t* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
 namespace {
 
 void prepare_acts_bf16(const float* x, size_t rows, size_t k, size_t ldx, const ActsBuffer& out) {
@@ -193,6 +201,8 @@ void fill_kernels_scalar(KernelTable* t, const CpuFeatures&) {
   t->formats[int(QuantScheme::kInt4Asym)].prepare_acts = ref::prepare_acts_int4;
   t->formats[int(QuantScheme::kInt8Group)].prepare_acts = ref::prepare_acts_int8;
   t->formats[int(QuantScheme::kFP8Block)].prepare_acts = ref::prepare_acts_bf16;
+  t->convert.bf16_to_f32 = ref::bf16_to_f32_row;
+  t->convert.f32_to_bf16 = ref::f32_to_bf16_row;
 }
 
 }  // namespace kt

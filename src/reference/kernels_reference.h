@@ -16,5 +16,9 @@ float quantize_row_i8(const float* x, size_t k, int8_t* q);
 // The gated activation of ActivationParams, in fp32.
 float activation(float gate, float up, const ActivationParams& p);
 
+// RowConvertKernels' scalar twins.
+void bf16_to_f32_row(const uint16_t* src, size_t n, float* dst);
+void f32_to_bf16_row(const float* src, size_t n, uint16_t* dst);
+
 }  // namespace ref
 }  // namespace kt
