@@ -5,7 +5,7 @@
 //
 //   bench_kernels [--backend avx512] [--format int4_g128,int8,bf16,...]
 //                 [--shape 768x2048,1408x2048] [--gemv 1,2,4] [--gemm 64,256] [--reps 5]
-//                 [--next-hint 0|1]
+//                 [--next-hint 0|1] [--gather R]
 //
 // GEMV (decode, few tokens): each call runs on the next of enough experts
 // (copies of one) to fill ~384 MiB, so the weights come from memory; GB/s of
@@ -13,8 +13,11 @@
 // GB/s measured in the same run. GEMM (prefill): GOP/s (2 per multiply-add)
 // cycling over the same experts, best of --reps. --next-hint 1 (the default)
 // tells each down call which expert comes next (PackedMatrixView::
-// next_weights), as the layer does; 0 leaves it out. `--shape IxH`: gate/up are
-// I x H, down H x I.
+// next_weights), as the layer does; 0 leaves it out. --gather R: each GEMM
+// gate/up call reads its m activation rows through a row index, m of R
+// encoded rows picked at random in increasing order, as the layer gathers an
+// expert's tokens from the call's T rows (0, the default: m contiguous rows).
+// `--shape IxH`: gate/up are I x H, down H x I.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -140,6 +143,7 @@ int run(int argc, char** argv) {
   std::string gemv = "1,2,4", gemm = "64,256";
   int reps = 5;
   bool next_hint = true;
+  size_t gather = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--backend") backend = v;
@@ -154,6 +158,15 @@ int run(int argc, char** argv) {
         return 2;
       }
       next_hint = v == "1";
+    }
+    else if (k == "--gather") {
+      char* end = nullptr;
+      const unsigned long r = std::strtoul(v.c_str(), &end, 10);
+      if (v.empty() || *end || v[0] == '-') {
+        std::fprintf(stderr, "bench_kernels: --gather takes a row count, got %s\n", v.c_str());
+        return 2;
+      }
+      gather = r;
     }
     else {
       std::fprintf(stderr, "bench_kernels: unknown option %s (see the comment at the top of bench/cpp/kernels.cpp)\n",
@@ -201,7 +214,7 @@ int run(int argc, char** argv) {
       for (size_t m : ms_gemv) max_m = std::max(max_m, m);
       for (size_t m : ms_gemm) max_m = std::max(max_m, m);
       Acts ax, ah;
-      make_acts(fk, f->scheme, max_m, H, rng, &ax);
+      make_acts(fk, f->scheme, std::max(max_m, gather), H, rng, &ax);
       make_acts(fk, f->scheme, max_m, I, rng, &ah);
       std::vector<float> h(max_m * I), out(max_m * size_t(H), 0.0f), rw(max_m, 0.5f);
       std::vector<float*> out_rows(max_m);
@@ -228,8 +241,17 @@ int run(int argc, char** argv) {
         std::printf("%-9s I=%-5u H=%-5u GEMV m=%-3zu gate_up %6.1f GB/s (%3.0f%%)  down %6.1f GB/s (%3.0f%%)\n",
                     f->name.c_str(), I, H, m, gu, 100 * gu / roof, dn, 100 * dn / roof);
       }
+      std::vector<int32_t> row_index;
       for (size_t m : ms_gemm) {
         ax.view.rows = ah.view.rows = m;
+        if (gather) {  // m of the gather rows, in increasing order (a selection sample)
+          row_index.clear();
+          for (size_t r = 0; r < gather && row_index.size() < m; ++r)
+            if (std::uniform_int_distribution<size_t>(0, gather - r - 1)(rng) < m - row_index.size())
+              row_index.push_back(int32_t(r));
+          for (size_t r = 0; row_index.size() < m; ++r) row_index.push_back(int32_t(r % gather));  // m > gather
+          ax.view.row_index = row_index.data();
+        }
         const int calls = int(std::max<size_t>(2, 2000 / m));
         double gu = 0, dn = 0;
         for (int r = 0; r < reps; ++r) {
