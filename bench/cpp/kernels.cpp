@@ -46,7 +46,7 @@ struct Format {
 };
 
 const Format kFormats[] = {{"bf16", QuantScheme::kBF16, 0},        {"int8", QuantScheme::kInt8PerChannel, 0},
-                           {"int8_g32", QuantScheme::kInt8Group, 32}, {"int4", QuantScheme::kInt4Sym, 0},
+                           {"int8_g32", QuantScheme::kInt8Group, 32}, {"int8_g128", QuantScheme::kInt8Group, 128}, {"int4", QuantScheme::kInt4Sym, 0},
                            {"int4_g32", QuantScheme::kInt4Sym, 32},  {"int4_g128", QuantScheme::kInt4Sym, 128},
                            {"int4m_g32", QuantScheme::kInt4Asym, 32}, {"fp8_g128", QuantScheme::kFP8Block, 128}};
 
