@@ -49,6 +49,8 @@ RESULTS_DIR = ROOT / "bench" / "results"
 
 DECODE_MAX_TOKENS = 32  # DESIGN.md: decode = T <= 32 (bandwidth bound), prefill above
 ADJACENT_PROBE_BYTES = 512 << 20  # the read probe run right before and after each decode row
+# Adjacent probes that differ by more than this factor met a bandwidth switch (~50 <-> ~80 GB/s).
+STABLE_STATE = 1.15
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Plan:
     probe_args: List[str]
     onednn_reps: int
     onednn_max_ms: float
+    onednn_decode_max_ms: float
     onednn_cold_mib: float
 
 
@@ -176,6 +179,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
                     ["--bw-repeats", "20", "--repeats", "7", "--compute-ms", "200"]),
         onednn_reps=20 if q else 200,
         onednn_max_ms=100 if q else 600,
+        onednn_decode_max_ms=50 if q else 300,
         onednn_cold_mib=64 if q else 256,
     )
     if min(plan.tokens) < 1 or min(plan.threads) < 1:
@@ -381,7 +385,7 @@ class Bench:
         self.rows: List[dict] = []
         self.models_used: Dict[str, dict] = {}
         self.onednn_raw: List[dict] = []
-        self.probe_pools: Dict[int, object] = {}
+        self.onednn_binary: Optional[Path] = None  # set by main when the peer is built
 
     # ---- kt_kernel
     def make_wrapper(self, model: Model, E: int, method: str, threads: int):
@@ -461,6 +465,8 @@ class Bench:
                     row = self.run_row(name, model, E, method, threads, T, wrapper, inputs, bpe, sources,
                                        slot_to_src, torch_stats.get(T))
                     row["load_s"] = round(load_s, 2)
+                    if self.onednn_binary and row["regime"] == "decode":
+                        self.run_onednn_decode(self.onednn_binary, row, wrapper)
                     self.rows.append(row)
                 del wrapper
                 self.drop_pool()
@@ -518,70 +524,76 @@ class Bench:
         return float(_kt_kernel.measure_read_bandwidth(wrapper._pool, ADJACENT_PROBE_BYTES, 3))
 
     # ---- oneDNN peer
+    def onednn_tables(self, binary: Path, name: str, dtype: str, threads: int, pts: set,
+                      reps: int, max_ms: float) -> Tuple[Dict[int, float], Dict[int, float], bool]:
+        """oneDNN times per M (seconds) for gate/up (N = I, K = H) and down (N = H, K = I) at the ladder
+        points pts, and whether other processes were busy around them."""
+        plan, mu = self.plan, self.models_used[name]
+        tables, busy = [], False
+        for N, K in ((mu["inter"], mu["hidden"]), (mu["hidden"], mu["inter"])):
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            cmd = [str(binary), "--m", ",".join(map(str, sorted(pts))), "--n", str(N), "--k", str(K),
+                   "--dtype", dtype, "--threads", str(threads), "--reps", str(reps),
+                   "--max-ms", str(max_ms), "--cold-mib", str(plan.onednn_cold_mib)]
+            log(f"oneDNN {dtype} N={N} K={K} threads={threads} M={sorted(pts)}")
+            busy_before = others_busy()
+            res = run_json(cmd, env)
+            res["others_busy"] = [round(busy_before, 3), round(others_busy(), 3)]
+            busy = busy or max(res["others_busy"]) > BUSY_WARN
+            res["model"] = name
+            self.onednn_raw.append(res)
+            tables.append({e["m"]: e["median_us"] * 1e-6 for e in res["results"]})
+        return tables[0], tables[1], busy
+
+    @staticmethod
+    def attach_onednn(r: dict, dtype: str, gu: Dict[int, float], dn: Dict[int, float], busy: bool) -> None:
+        per_call = [sum(2 * _interp(gu, m) + _interp(dn, m) for m in counts) for counts in r["expert_counts"]]
+        r["onednn_dtype"] = dtype
+        r["onednn_ms"] = statistics.median(per_call) * 1e3
+        r["vs_onednn"] = r["onednn_ms"] / r["ms"]
+        r["onednn_contended"] = busy
+        r["contended"] = r.get("contended", False) or busy
+
+    def run_onednn_decode(self, binary: Path, r: dict, wrapper) -> None:
+        """A decode row's peer, measured straight after the row (seconds, not minutes, apart: the host's
+        2-thread read bandwidth switches between ~50 and ~80 GB/s within minutes, and decode time follows
+        it), with the read probe on the layer's pool right before and after the peer as well."""
+        dtype = METHODS[r["method"]][2]
+        pts = {p for counts in r["expert_counts"] for m in set(counts) for p in _bracket(m)}
+        reads = [self.adjacent_read_bw(wrapper)]
+        gu, dn, busy = self.onednn_tables(binary, r["model"], dtype, r["threads"], pts,
+                                          self.plan.onednn_reps, self.plan.onednn_decode_max_ms)
+        reads.append(self.adjacent_read_bw(wrapper))
+        self.attach_onednn(r, dtype, gu, dn, busy)
+        r["onednn_adjacent_read_gbs"] = [round(b, 2) for b in reads]
+        # The ratio at the row's bandwidth (memory-bound time scales with 1 / bandwidth): the lower probe
+        # around the peer over the higher one around the row, the choice least favourable to kt_kernel;
+        # only where each side's probes agree (a state that switched during a measurement has no value).
+        own = r.get("adjacent_read_gbs") or []
+        if own and max(reads) <= STABLE_STATE * min(reads) and max(own) <= STABLE_STATE * min(own):
+            r["vs_onednn_same_bw"] = r["vs_onednn"] * min(reads) / max(own)
+
     def run_onednn(self, binary: Path) -> None:
+        """The prefill rows' peers (compute-bound, so measured together at the end of the run)."""
         plan = self.plan
         needs: Dict[Tuple[str, str, int], set] = {}  # (model, dtype, threads) -> M ladder points
         for r in self.rows:
+            if "vs_onednn" in r:
+                continue
             dtype = METHODS[r["method"]][2]
             pts = needs.setdefault((r["model"], dtype, r["threads"]), set())
             for counts in r["expert_counts"]:
                 for m in set(counts):
                     pts.update(_bracket(m))
-        table: Dict[Tuple[str, str, int, int, int], Dict[int, float]] = {}
-        busy: Dict[Tuple[str, str, int], float] = {}
-        # The read probe right before and after each peer process, on a pool of the peer's thread count:
-        # a decode row and its peer, minutes apart, may meet different bandwidth states of the host.
-        peer_read: Dict[Tuple[str, str, int], List[float]] = {}
+        tables = {}
         for (name, dtype, threads), pts in needs.items():
-            mu = self.models_used[name]
-            for N, K in ((mu["inter"], mu["hidden"]), (mu["hidden"], mu["inter"])):
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-                cmd = [str(binary), "--m", ",".join(map(str, sorted(pts))), "--n", str(N), "--k", str(K),
-                       "--dtype", dtype, "--threads", str(threads), "--reps", str(plan.onednn_reps),
-                       "--max-ms", str(plan.onednn_max_ms), "--cold-mib", str(plan.onednn_cold_mib)]
-                log(f"oneDNN {dtype} N={N} K={K} threads={threads} M={sorted(pts)}")
-                key = (name, dtype, threads)
-                decode_pts = any(m <= DECODE_MAX_TOKENS for m in pts)
-                reads = peer_read.setdefault(key, [])
-                if decode_pts:
-                    reads.append(self.peer_read_bw(threads))
-                busy_before = others_busy()
-                res = run_json(cmd, env)
-                res["others_busy"] = [round(busy_before, 3), round(others_busy(), 3)]
-                if decode_pts:
-                    reads.append(self.peer_read_bw(threads))
-                    res["adjacent_read_gbs"] = [round(b, 2) for b in reads[-2:]]
-                busy[key] = max(busy.get(key, 0.0), *res["others_busy"])
-                res["model"] = name
-                self.onednn_raw.append(res)
-                table[(name, dtype, threads, N, K)] = {e["m"]: e["median_us"] * 1e-6 for e in res["results"]}
+            tables[(name, dtype, threads)] = self.onednn_tables(binary, name, dtype, threads, pts, plan.onednn_reps,
+                                                                plan.onednn_max_ms)
         for r in self.rows:
+            if "vs_onednn" in r:
+                continue
             dtype = METHODS[r["method"]][2]
-            mu = self.models_used[r["model"]]
-            H, I = mu["hidden"], mu["inter"]
-            gu = table[(r["model"], dtype, r["threads"], I, H)]
-            dn = table[(r["model"], dtype, r["threads"], H, I)]
-            per_call = [sum(2 * _interp(gu, m) + _interp(dn, m) for m in counts) for counts in r["expert_counts"]]
-            r["onednn_dtype"] = dtype
-            r["onednn_ms"] = statistics.median(per_call) * 1e3
-            r["vs_onednn"] = r["onednn_ms"] / r["ms"]
-            r["onednn_contended"] = busy[(r["model"], dtype, r["threads"])] > BUSY_WARN
-            r["contended"] = r.get("contended", False) or r["onednn_contended"]
-            # Decode rows: the peer's time carried over to the row's bandwidth state (memory-bound time
-            # scales with 1 / bandwidth), from the higher of the adjacent probes on each side.
-            reads = peer_read.get((r["model"], dtype, r["threads"])) or []
-            if r["regime"] == "decode" and reads and r.get("adjacent_read_gbs"):
-                r["onednn_adjacent_read_gbs"] = max(reads)
-                r["vs_onednn_same_bw"] = r["vs_onednn"] * max(reads) / max(r["adjacent_read_gbs"])
-
-    def peer_read_bw(self, threads: int) -> float:
-        """The adjacent read probe on a pool of `threads` threads (made once per thread count)."""
-        from kt_kernel import _kt_kernel
-        pool = self.probe_pools.get(threads)
-        if pool is None:
-            pin = os.environ.get("KT_KERNEL_PIN", "1") not in ("0", "false", "no")
-            pool = self.probe_pools[threads] = _kt_kernel.ThreadPool(threads, [0], pin)
-        return float(_kt_kernel.measure_read_bandwidth(pool, ADJACENT_PROBE_BYTES, 3))
+            self.attach_onednn(r, dtype, *tables[(r["model"], dtype, r["threads"])])
 
 
 def _bracket(m: int) -> List[int]:
@@ -702,9 +714,10 @@ def markdown(meta: dict, probes: dict, rows: List[dict], targets: List[dict], mo
           "bandwidth of a shared host moves within minutes); TOP/s = 2·T·k·3·H·I / time (%peak of VNNI for "
           "INT4/INT8, of vdpbf16ps for BF16). The roof that matters is in bold: bandwidth for decode "
           f"(T ≤ {DECODE_MAX_TOKENS}), compute for prefill. ×torch, ×oneDNN = peer time / kt_kernel time "
-          "(> 1: kt_kernel faster); decode rows add in brackets the oneDNN ratio at the row's bandwidth (the "
-          "peer's time × the higher read probe around its own runs / the higher one around the row's: "
-          "memory-bound time scales with 1 / bandwidth, and the two are measured minutes apart). "
+          "(> 1: kt_kernel faster); a decode row's oneDNN peer runs straight after the row, and in brackets "
+          "is its ratio at the row's bandwidth (the peer's time × the lower read probe around it / the higher "
+          "one around the row, where each pair agrees within 15%: "
+          "memory-bound time scales with 1 / bandwidth, which can switch within minutes). "
           "err = relative L2 error vs the bf16 PyTorch loop on up to 8 tokens.", "",
           "| model | E | method | T | thr | backend | ms | tok/s | GB/s | %BW | %BW adj | TOP/s | %peak | ×torch | ×oneDNN | err |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -754,6 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"BF16 TFLOP/s {probe_passes[0]['bf16_tflops']}")
 
     bench = Bench(args, plan)
+    if not args.no_onednn:
+        bench.onednn_binary = bins.get("bench_onednn_matmul")
     t0 = time.perf_counter()
     bench.run()
     if not args.no_onednn and bins.get("bench_onednn_matmul"):
