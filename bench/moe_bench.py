@@ -647,6 +647,9 @@ def attach_roofs(rows: List[dict], probes: dict) -> None:
         # The higher of the two adjacent probes: the conservative roof for the row.
         r["roof_bw_adjacent_gbs"] = max(adj) if adj else None
         r["frac_bw_adjacent"] = r["gbs"] / max(adj) if adj else None
+        # Probes that disagree: the host switched bandwidth state around the row, so the roof is unknown
+        # (the higher probe stays the roof; the row is marked for a rerun).
+        r["bw_state_switched"] = bool(adj) and max(adj) > STABLE_STATE * min(adj)
         r["frac_peak"] = r["tops"] / peak["best"] if peak else None
 
 
@@ -658,6 +661,7 @@ def evaluate_targets(rows: List[dict], models: List[str]) -> List[dict]:
                       and r["threads"] == TARGET_THREADS), None)
             v = r.get(metric) if r else None
             out.append(dict(model=name, target=text, value=v, threshold=thr, contended=bool(r and r.get("contended")),
+                            state_switched=bool(r and r.get("bw_state_switched") and metric == "frac_bw_adjacent"),
                             status="not run" if v is None else ("pass" if v >= thr else "FAIL")))
         for method in ("INT8", "INT4"):
             rs = [r for r in rows if r["model"] == name and r["method"] == method and r["threads"] == TARGET_THREADS
@@ -671,6 +675,8 @@ def evaluate_targets(rows: List[dict], models: List[str]) -> List[dict]:
                                 "decode at the row's bandwidth)",
                                 value=ratio(worst), threshold=1.0, worst_tokens=worst["tokens"],
                                 contended=bool(worst.get("contended")),
+                                # a decode row without a state-matched ratio: probes disagreed around it or its peer
+                                state_switched=worst["regime"] == "decode" and "vs_onednn_same_bw" not in worst,
                                 status="pass" if ratio(worst) > 1.0 else "FAIL"))
             elif method == "INT8":
                 out.append(dict(model=name, target="INT8 faster than oneDNN int8 matmul (all token counts)",
@@ -718,7 +724,9 @@ def markdown(meta: dict, probes: dict, rows: List[dict], targets: List[dict], mo
           "is its ratio at the row's bandwidth (the peer's time × the lower read probe around it / the higher "
           "one around the row, where each pair agrees within 15%: "
           "memory-bound time scales with 1 / bandwidth, which can switch within minutes). "
-          "err = relative L2 error vs the bf16 PyTorch loop on up to 8 tokens.", "",
+          "err = relative L2 error vs the bf16 PyTorch loop on up to 8 tokens. ↯: the two read probes around "
+          "a decode row differ by more than 15%: the host switched bandwidth state around the row, whose roof "
+          "(the higher probe) is then uncertain; rerun it.", "",
           "| model | E | method | T | thr | backend | ms | tok/s | GB/s | %BW | %BW adj | TOP/s | %peak | ×torch | ×oneDNN | err |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -726,7 +734,7 @@ def markdown(meta: dict, probes: dict, rows: List[dict], targets: List[dict], mo
         bw = _f(r.get("frac_bw"), ".1f", 100)
         adj = _f(r.get("frac_bw_adjacent"), ".1f", 100)
         if r.get("roof_bw_adjacent_gbs"):
-            adj += f" of {r['roof_bw_adjacent_gbs']:.1f}"
+            adj += f" of {r['roof_bw_adjacent_gbs']:.1f}" + (" ↯" if r.get("bw_state_switched") else "")
         pk = _f(r.get("frac_peak"), ".1f", 100)
         L.append("| " + " | ".join([
             r["model"], str(r["experts"]), r["method"], str(r["tokens"]), str(r["threads"]), r["backend"],
@@ -743,7 +751,8 @@ def markdown(meta: dict, probes: dict, rows: List[dict], targets: List[dict], mo
             val = f"worst ×{t['value']:.2f} (T={t.get('worst_tokens')})"
         else:
             val = f"{t['value'] * 100:.1f}%"
-        L.append(f"| {t['model']} | {t['target']} | {val} | {t['status']}{' ⚠' if t.get('contended') else ''} |")
+        L.append(f"| {t['model']} | {t['target']} | {val} | {t['status']}{' ⚠' if t.get('contended') else ''}"
+                 f"{' ↯' if t.get('state_switched') else ''} |")
     L.append("")
     return "\n".join(L)
 
