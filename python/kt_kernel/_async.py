@@ -47,7 +47,6 @@ def _device_key(info) -> str:
 def _output(wr, x_info, T: int, persistent: bool, use_stream: bool):
     """[T, H] in the input's dtype on the input's device; persistent for capture sizes (one per mode, so
     a CPU-mode call never writes a captured graph's output)."""
-    obj = x_info.obj
     if persistent:
         key = (T, x_info.dtype, _device_key(x_info), use_stream)
         buf = wr._out_cache.get(key)

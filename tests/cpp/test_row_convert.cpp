@@ -16,21 +16,10 @@
 
 #include "kt_kernel/dispatch.h"
 #include "kt_kernel/kernel_table.h"
+#include "kt_kernel/types.h"
 
 namespace kt {
 namespace {
-
-float from_bits(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-
-uint32_t to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
 
 // fp32 bit patterns that hit every branch of round-to-nearest-even and the
 // NaN rule, then random ones.
@@ -52,7 +41,7 @@ std::vector<float> hostile_floats(size_t random_count) {
   std::uniform_int_distribution<uint32_t> any;
   while (bits.size() < random_count) bits.push_back(any(rng));
   std::vector<float> v(bits.size());
-  for (size_t i = 0; i < bits.size(); ++i) v[i] = from_bits(bits[i]);
+  for (size_t i = 0; i < bits.size(); ++i) v[i] = bits_to_f32(bits[i]);
   return v;
 }
 
@@ -62,8 +51,8 @@ TEST(RowConvert, ScalarTwinsMatchHandWorkedValues) {
   const RowConvertKernels& ref = backend_kernels("scalar").convert;
   ASSERT_NE(ref.bf16_to_f32, nullptr);
   ASSERT_NE(ref.f32_to_bf16, nullptr);
-  const float in[] = {1.0f, from_bits(0x3f808000u), from_bits(0x3f818000u), from_bits(0x3f808001u),
-                      from_bits(0x7f7fffffu), from_bits(0x7f800001u), -0.0f, from_bits(0x00018000u)};
+  const float in[] = {1.0f, bits_to_f32(0x3f808000u), bits_to_f32(0x3f818000u), bits_to_f32(0x3f808001u),
+                      bits_to_f32(0x7f7fffffu), bits_to_f32(0x7f800001u), -0.0f, bits_to_f32(0x00018000u)};
   const uint16_t want[] = {0x3f80, 0x3f80, 0x3f82, 0x3f81, 0x7f80, 0x7fc0, 0x8000, 0x0002};
   uint16_t out[8];
   ref.f32_to_bf16(in, 8, out);
@@ -71,7 +60,7 @@ TEST(RowConvert, ScalarTwinsMatchHandWorkedValues) {
   const uint16_t b[] = {0x3f80, 0xc049, 0x7fc1, 0x0001};
   float w[4];
   ref.bf16_to_f32(b, 4, w);
-  for (int i = 0; i < 4; ++i) EXPECT_EQ(to_bits(w[i]), uint32_t(b[i]) << 16) << "value " << i;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(f32_to_bits(w[i]), uint32_t(b[i]) << 16) << "value " << i;
 }
 
 TEST(RowConvert, EveryBackendWidensLikeTheScalarTwin) {
@@ -82,7 +71,7 @@ TEST(RowConvert, EveryBackendWidensLikeTheScalarTwin) {
     const RowConvertKernels& cv = backend_kernels(name).convert;
     ASSERT_NE(cv.bf16_to_f32, nullptr) << name;
     for (size_t n : {size_t(65536 + 9), size_t(0), size_t(1), size_t(15), size_t(17), size_t(33)}) {
-      std::vector<float> want(n + 1, from_bits(0x7fedcba9u)), got(n + 1, from_bits(0x7fedcba9u));
+      std::vector<float> want(n + 1, bits_to_f32(0x7fedcba9u)), got(n + 1, bits_to_f32(0x7fedcba9u));
       ref.bf16_to_f32(all.data(), n, want.data());
       cv.bf16_to_f32(all.data(), n, got.data());
       ASSERT_EQ(std::memcmp(want.data(), got.data(), (n + 1) * sizeof(float)), 0) << name << " n=" << n;
@@ -110,7 +99,7 @@ TEST(RowConvert, EveryBackendNarrowsLikeTheScalarTwin) {
     ref.f32_to_bf16(src.data(), src.size(), want.data());
     cv.f32_to_bf16(src.data(), src.size(), got.data());
     for (size_t i = 0; i < src.size(); ++i)
-      ASSERT_EQ(want[i], got[i]) << name << ": fp32 bits 0x" << std::hex << to_bits(src[i]);
+      ASSERT_EQ(want[i], got[i]) << name << ": fp32 bits 0x" << std::hex << f32_to_bits(src[i]);
   }
 }
 
