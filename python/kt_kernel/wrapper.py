@@ -288,6 +288,10 @@ class KTMoEWrapper:
         if not cuda_stream:
             self._pool.wake()  # the workers' wake-up overlaps the argument checks below
         with self._lock:
+            if type(cuda_stream) is int and cuda_stream == 0:
+                y = _async.forward_cpu(self, hidden_states, topk_ids, topk_weights)
+                if y is not None:
+                    return y
             _async.submit(self, hidden_states, topk_ids, topk_weights, cuda_stream, run_inline=True)
             return _async.sync(self, hidden_states, cuda_stream)
 

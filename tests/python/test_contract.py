@@ -74,6 +74,68 @@ def test_rows_without_cpu_expert_are_zero(backend, weights):
         KTW.set_capture_batch_sizes([])
 
 
+def _count_full_path_calls(monkeypatch):
+    """A list that gains an entry each time forward() takes the full path (submit + sync)."""
+    calls = []
+    full = kt_kernel._async.submit
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return full(*a, **kw)
+
+    monkeypatch.setattr(kt_kernel._async, "submit", counted)
+    return calls
+
+
+def test_forward_short_path_gives_the_bits_of_submit_sync(backend, weights, monkeypatch):
+    """forward() of CPU torch tensors runs the short path (no submit), with the output bits of
+    submit_forward + sync_forward, for every layout it takes: fp32 and bf16 states, int64 and int32
+    ids, fp32 and bf16 weights, rows strided inside a wider buffer, a single token."""
+    wr = _wrapper(weights)
+    xn, idsn, wn = make_inputs(6, H, E, K)
+    x32, ids64, w32 = torch.from_numpy(xn), torch.from_numpy(idsn), torch.from_numpy(wn)
+    wide = torch.zeros(6, H + 32, dtype=torch.bfloat16)
+    wide[:, :H] = x32.to(torch.bfloat16)
+    cases = [(x32, ids64, w32), (x32.to(torch.bfloat16), ids64.to(torch.int32), w32.to(torch.bfloat16)),
+             (wide[:, :H], ids64, w32), (x32[:1], ids64[:1], w32[:1])]
+    for x, ids, w in cases:
+        wr.submit_forward(x, ids, w)
+        expected = wr.sync_forward(x).clone()
+        calls = _count_full_path_calls(monkeypatch)
+        y = wr.forward(x, ids, w)
+        monkeypatch.undo()
+        assert not calls, "forward took the full path"
+        assert y.dtype == x.dtype and y.shape == (x.shape[0], H) and y.is_contiguous()
+        assert torch.equal(y, expected)
+        assert y.abs().sum() > 0
+
+
+def test_forward_short_path_declines_what_it_does_not_take(backend, weights, monkeypatch):
+    """NumPy arrays, capture batch sizes and rows that are not contiguous go the full path, which
+    gives its results and raises its errors (the short path never decides an input is bad)."""
+    wr = _wrapper(weights)
+    xn, idsn, wn = make_inputs(5, H, E, K)
+    calls = _count_full_path_calls(monkeypatch)
+    y_np = wr.forward(xn, idsn, wn)
+    assert len(calls) == 1 and isinstance(y_np, np.ndarray)
+    KTW = kt_kernel.KTMoEWrapper
+    KTW.set_capture_batch_sizes([5])
+    try:
+        y_cap = wr.forward(torch.from_numpy(xn), torch.from_numpy(idsn), torch.from_numpy(wn))
+        assert len(calls) == 2 and np.array_equal(y_cap.numpy(), y_np)
+    finally:
+        KTW.clear_buffer_cache()
+        KTW.set_capture_batch_sizes([])
+    x_cols = torch.from_numpy(np.ascontiguousarray(xn.T)).t()  # [5, H] with unit stride down the columns
+    with pytest.raises(ValueError, match="hidden_states: the last dimension must be contiguous"):
+        wr.forward(x_cols, torch.from_numpy(idsn), torch.from_numpy(wn))
+    with pytest.raises(ValueError, match="topk_ids: dimension 1 is 2"):
+        wr.forward(torch.from_numpy(xn), torch.from_numpy(idsn[:, :2]), torch.from_numpy(wn))
+    with pytest.raises(TypeError, match="topk_weights: dtype int64"):
+        wr.forward(torch.from_numpy(xn), torch.from_numpy(idsn), torch.from_numpy(idsn))
+    assert len(calls) == 5
+
+
 def test_mask_updated_in_place_is_honoured(backend, weights):
     x, ids, w = make_inputs(8, H, E, K)
     wr = _wrapper(weights)
