@@ -153,7 +153,10 @@ def forward_cpu(wr, x: Any, ids: Any, w: Any):
     if T == 0 or ids.shape != (T, k) or w.shape != (T, k) or T in wr._capture_batch_sizes:
         return None
     # describe's layout rule ("rows"): unit stride along a row, rows that do not overlap.
-    sx, si, sw = x.stride(), ids.stride(), w.stride()
+    try:
+        sx, si, sw = x.stride(), ids.stride(), w.stride()
+    except RuntimeError:  # a sparse layout: describe names the argument
+        return None
     if sx[1] != 1 or si[1] != 1 or sw[1] != 1:
         return None
     if T > 1 and (sx[0] < H or si[0] < k or sw[0] < k):

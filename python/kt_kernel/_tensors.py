@@ -87,7 +87,11 @@ def _torch_info(t: Any, name: str) -> TensorInfo:
             raise TypeError(f"{name}: unsupported dtype {dtype}")
         _torch_dtype_names[dtype] = dt
     # torch.Size is a tuple of ints, stride() a tuple; is_cpu is 6x cheaper than device.type.
-    return TensorInfo(t, name, dt, t.shape, t.stride(), "cpu" if t.is_cpu else t.device.type, t.data_ptr())
+    try:
+        strides, ptr = t.stride(), t.data_ptr()
+    except RuntimeError as e:  # sparse layouts have no strides or no single data pointer
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout} ({e})") from None
+    return TensorInfo(t, name, dt, t.shape, strides, "cpu" if t.is_cpu else t.device.type, ptr)
 
 
 def data_ptr(obj: Any) -> int:

@@ -96,6 +96,12 @@ def test_bad_forward_inputs(loaded):
         ((torch.empty((4, H), device="meta"), torch.from_numpy(ids), torch.from_numpy(w)), ValueError,
          "hidden_states: tensor on device 'meta'"),
         (("x", ids, w), TypeError, "hidden_states: expected a torch.Tensor"),
+        ((torch.from_numpy(x).to_sparse(), torch.from_numpy(ids), torch.from_numpy(w)), ValueError,
+         "hidden_states: expected a dense"),
+        ((torch.from_numpy(x), torch.from_numpy(ids).to_sparse(), torch.from_numpy(w)), ValueError,
+         "topk_ids: expected a dense"),
+        ((torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w).to_sparse()), ValueError,
+         "topk_weights: expected a dense"),
     ]
     for args, exc, match in cases:
         if exc is None:
