@@ -11,7 +11,8 @@
 4. Runs decode (one token through every layer, submit/sync per layer) and
    prefill, and prints the error against a float64 reference on the
    checkpoint's weights, tokens per second, and the fraction of this
-   machine's memory read bandwidth that decode reaches.
+   machine's memory read bandwidth that decode reaches (against read
+   probes run right before and after each format's decode steps).
 `--hf` instead generates text with a tiny Hugging Face model whose experts
 run on kt_kernel (needs `pip install kt_kernel[hf]`). `--in-memory` skips
 the checkpoint and packs random weights directly (the quickest look).
@@ -39,6 +40,11 @@ MODELS: Dict[str, Dict[str, int]] = {
     "mixtral-8x7b": dict(num_experts=8, top_k=2, hidden=4096, intermediate=14336, model_type="mixtral"),
     "tiny": dict(num_experts=8, top_k=2, hidden=128, intermediate=256, model_type="qwen3_moe"),  # for tests
 }
+# The read probe run right before and after each format's decode steps (best of 3 over this many
+# bytes), and the ratio of its two results above which the host's bandwidth is taken to have changed
+# in between (as bench/moe_bench.py does).
+_ADJACENT_PROBE_BYTES = 512 << 20
+_SWITCH_FACTOR = 1.15
 # Format -> (method, wrapper options, where its weights come from).
 METHODS = {"INT4": ("AMXINT4", {"group_size": 128}, "converted"), "INT8": ("AMXINT8", {}, "checkpoint"),
            "BF16": ("BF16", {}, "checkpoint")}
@@ -183,7 +189,10 @@ def run(model: str, methods: List[str], threads: int, layers: int, decode_steps:
                             force=L == layers - 1)
             load_s = time.time() - t0
             bytes_per_expert = wrs[0].packed_bytes / E
-            # Decode: one token through every layer per step, fresh routing per layer.
+            # Decode: one token through every layer per step, fresh routing per layer, between two
+            # read probes (a shared host's bandwidth can switch within minutes: the decode figure is
+            # stated against the probes around it, not the one at the start).
+            bw_around = [_kt_kernel.measure_read_bandwidth(pool, _ADJACENT_PROBE_BYTES, 3)]
             step_times, layer_gbs = [], []
             for step in range(decode_steps + 2):
                 x = rng.standard_normal((1, H)).astype(np.float32)
@@ -199,8 +208,11 @@ def run(model: str, methods: List[str], threads: int, layers: int, decode_steps:
                 if step >= 2:
                     step_times.append(time.perf_counter() - t_step)
                 prog.update(f"[4/4] {name}: decode step {step + 1}/{decode_steps + 2}")
+            bw_around.append(_kt_kernel.measure_read_bandwidth(pool, _ADJACENT_PROBE_BYTES, 3))
             dec = float(np.median(step_times))
             dec_gbs = float(np.median(layer_gbs))
+            roof = max(bw_around)
+            switched = roof > _SWITCH_FACTOR * min(bw_around)
             # Prefill: every layer, then accuracy of layer 0 on its first tokens.
             x = rng.standard_normal((prefill_tokens, H)).astype(np.float32)
             ids, w = _routing(rng, prefill_tokens, E, k)
@@ -211,18 +223,22 @@ def run(model: str, methods: List[str], threads: int, layers: int, decode_steps:
             nref = min(4, prefill_tokens)
             ref = _reference(src, 0, x, ids, w, nref)
             err = float(np.linalg.norm(outs[0][:nref] - ref) / np.linalg.norm(ref))
-            rows.append((name, origin, load_s, dec * 1e3 / layers, layers / dec / layers, 1 / dec, dec_gbs,
-                         dec_gbs / bw, pre * 1e3, prefill_tokens / pre, err))
+            rows.append((name, origin, load_s, dec * 1e3 / layers, 1 / dec, dec_gbs, dec_gbs / roof, roof, switched,
+                         pre * 1e3, prefill_tokens / pre, err))
             prog.done(f"      {name}: done on backend {last_used_backend()}")
             del wrs, outs
         print()
         print(f"{'format':6} {'weights from':12} {'load s':>7} {'decode ms/layer':>16} {'tok/s (' + str(layers) + ' layers)':>18}"
-              f" {'GB/s':>6} {'of bw':>6} {'prefill ms/layer':>17} {'prefill tok/s':>14} {'rel err':>8}")
-        for (name, origin, load_s, dms, _, tps, gbs, frac, pms, ptps, err) in rows:
-            print(f"{name:6} {origin:12} {load_s:7.1f} {dms:16.3f} {tps:18.1f} {gbs:6.1f} {100 * frac:5.0f}% "
+              f" {'GB/s':>6} {'of read probe':>15} {'prefill ms/layer':>17} {'prefill tok/s':>14} {'rel err':>8}")
+        for (name, origin, load_s, dms, tps, gbs, frac, roof, switched, pms, ptps, err) in rows:
+            of_bw = f"{100 * frac:3.0f}% of {roof:.0f}" + (" ↯" if switched else "  ")
+            print(f"{name:6} {origin:12} {load_s:7.1f} {dms:16.3f} {tps:18.1f} {gbs:6.1f} {of_bw:>15} "
                   f"{pms:17.1f} {ptps:14.0f} {err:8.4f}")
         print(f"\ndecode: one token through {layers} layers per step (median of {decode_steps} steps); GB/s = packed "
-              f"bytes of the distinct experts a layer reads / its time; 'of bw' = that over the probe's {bw:.1f} GB/s. "
+              f"bytes of the distinct experts a layer reads / its time; 'of read probe' = that over the higher of two "
+              f"read probes (GB/s) run on the same threads right before and after the format's decode steps "
+              f"(↯: they differ by more than {round(100 * (_SWITCH_FACTOR - 1))}%, the host's bandwidth changed "
+              f"meanwhile; rerun). "
               f"prefill: {prefill_tokens} tokens per layer call. rel err = ||y - y_fp64|| / ||y_fp64|| of layer 0 on "
               f"{min(4, prefill_tokens)} tokens against the checkpoint's bf16 weights in float64.")
         print(f"total demo time {time.time() - t_all:.0f} s")

@@ -17,3 +17,6 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     errs = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(INT4|INT8|BF16) .* (\d+\.\d+)$", out, re.M)}
     assert set(errs) == {"INT4", "INT8", "BF16"}, out
     assert errs["BF16"] < 0.02 and errs["INT8"] < 0.06 and errs["INT4"] < 0.3, errs
+    # Decode stated against the read probes around it: "NN% of GG" (GB/s) in every row.
+    for m in errs:
+        assert re.search(rf"^{m} .* \d+% of \d+ ", out, re.M), out
