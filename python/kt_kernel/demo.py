@@ -8,7 +8,9 @@
 2. Converts it to INT4 with `kt-kernel convert` (the converter's API).
 3. Loads each format through KTMoEWrapper: INT4 from the converted files,
    INT8 and BF16 straight from the checkpoint (quantised at load).
-4. Runs decode (one token through every layer, submit/sync per layer) and
+4. Runs decode (one token through every layer, forward() per layer: in CPU
+   mode it runs the layer on the calling thread, as a CPU-only server would;
+   submit_forward/sync_forward is for overlapping with a GPU stream) and
    prefill, and prints the error against a float64 reference on the
    checkpoint's weights, tokens per second, and the fraction of this
    machine's memory read bandwidth that decode reaches (against read
@@ -200,8 +202,7 @@ def run(model: str, methods: List[str], threads: int, layers: int, decode_steps:
                 t_step = time.perf_counter()
                 for wr, (ids, w) in zip(wrs, routes):
                     t_l = time.perf_counter()
-                    wr.submit_forward(x, ids, w, 0)
-                    y = wr.sync_forward(x, 0)
+                    y = wr.forward(x, ids, w)
                     if step >= 2:
                         layer_gbs.append(len(np.unique(ids)) * bytes_per_expert / (time.perf_counter() - t_l) / 1e9)
                     x = (x + y).astype(np.float32)
