@@ -336,7 +336,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="INT4,INT8,BF16", help="comma list of INT4, INT8, BF16")
     p.add_argument("--layers", type=int, default=2, help="MoE layers in the checkpoint (default 2)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
-    p.add_argument("--decode-steps", type=int, default=20)
+    p.add_argument("--decode-steps", type=int, default=200,
+                   help="decode steps timed per format (default 200: a median over a second or so)")
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="write the checkpoint and converted files here (kept)")
