@@ -10,11 +10,12 @@
    INT8 and BF16 straight from the checkpoint (quantised at load).
 4. Runs decode (one token through every layer, forward() per layer: in CPU
    mode it runs the layer on the calling thread, as a CPU-only server would;
-   submit_forward/sync_forward is for overlapping with a GPU stream) and
-   prefill, and prints the error against a float64 reference on the
-   checkpoint's weights, tokens per second, and the fraction of this
-   machine's memory read bandwidth that decode reaches (against read
-   probes run right before and after each format's decode steps).
+   submit_forward/sync_forward let a caller overlap other work, a GPU's
+   above all) and prefill, and prints the error against a float64
+   reference on the checkpoint's weights, tokens per second, and the
+   fraction of this machine's memory read bandwidth that decode reaches
+   (against read probes run right before and after each format's decode
+   steps).
 `--hf` instead generates text with a tiny Hugging Face model whose experts
 run on kt_kernel (needs `pip install kt_kernel[hf]`). `--in-memory` skips
 the checkpoint and packs random weights directly (the quickest look).
