@@ -5,19 +5,22 @@ submit + sync path it short-cuts, and against the native call alone.
     .venv/bin/python bench/call_overhead.py                       # tiny layer: the overhead itself
     .venv/bin/python bench/call_overhead.py --model qwen3-30b-a3b --method INT8 --experts 128
 
-Three ways to run the same 1-token call, alternated call by call in one
+Five ways to run the same 1-token call, alternated call by call in one
 process (the host's state moves between runs, not between neighbouring
 calls), fresh random routing and hidden state every call:
-  forward  KTMoEWrapper.forward (its short path for CPU torch tensors);
+  forward  KTMoEWrapper.forward (its short path for CPU torch tensors and
+           NumPy arrays);
   full     the full path of _async.submit + _async.sync, run inline, which is
            what forward() ran before the short path and still runs for other
-           inputs (NumPy arrays, capture batch sizes, unusual layouts);
+           inputs (capture batch sizes, unusual layouts, bad arguments);
+  forward-np, full-np  the same two with NumPy arrays (fp32 hidden state);
   native   the native submit + sync with the arguments prepared beforehand:
            the floor, the layer's own work plus the binding.
 Prints the median microseconds per call of each and the differences.
 The default layer is moe_bench's tiny one (8 experts, H 256, I 128), so its
-kernels take a few microseconds and the figures are the overhead; at a model's shape
-the Python path also runs with caches the kernels have just flushed.
+kernels take a few microseconds and the figures are the overhead; at a
+model's shape the Python path also runs with caches the kernels have just
+flushed.
 """
 from __future__ import annotations
 
@@ -63,10 +66,13 @@ def main() -> None:
     w = torch.rand(1, k, generator=gen)
     y_native = torch.empty(1, H, dtype=torch.bfloat16)
 
+    w_np = w.numpy()
+
     def full(x, ids):
         wr._pool.wake()
+        weights = w_np if isinstance(x, np.ndarray) else w
         with wr._lock:
-            _async.submit(wr, x, ids, w, 0, run_inline=True)
+            _async.submit(wr, x, ids, weights, 0, run_inline=True)
             return _async.sync(wr, x, 0)
 
     def native(x, ids):
@@ -76,13 +82,17 @@ def main() -> None:
                    False, False, 0, 0, True)
         nat.sync(0, 0)
 
-    ways = {"forward": lambda x, ids: wr.forward(x, ids, w), "full": full, "native": native}
+    ways = {"forward": lambda x, ids: wr.forward(x, ids, w), "full": full,
+            "forward-np": lambda x, ids: wr.forward(x, ids, w_np), "full-np": full, "native": native}
     times = {name: [] for name in ways}
     names = list(ways)
     for i in range(args.calls * len(names)):
-        ids = torch.from_numpy(rng.choice(E, k, replace=False)[None].astype(np.int64))
-        x = torch.randn(1, H).to(torch.bfloat16)
         name = names[i % len(names)]
+        ids = rng.choice(E, k, replace=False)[None].astype(np.int64)
+        if name.endswith("-np"):
+            x = rng.standard_normal((1, H)).astype(np.float32)
+        else:
+            ids, x = torch.from_numpy(ids), torch.randn(1, H).to(torch.bfloat16)
         t0 = time.perf_counter()
         ways[name](x, ids)
         times[name].append(time.perf_counter() - t0)
@@ -92,7 +102,8 @@ def main() -> None:
     for name in names:
         print(f"  {name:8s} {med[name]:9.1f}")
     print(f"  forward - native {med['forward'] - med['native']:6.1f} us (Python and argument checks)")
-    print(f"  full - forward   {med['full'] - med['forward']:6.1f} us (saved by the short path)")
+    print(f"  full - forward   {med['full'] - med['forward']:6.1f} us (saved by the short path; NumPy: "
+          f"{med['full-np'] - med['forward-np']:.1f} us)")
 
 
 if __name__ == "__main__":

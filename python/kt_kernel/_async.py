@@ -25,8 +25,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _kt_kernel
-from ._tensors import (FLOAT_CODES, _torch_dtype_names, _torch_types, data_ptr, describe, empty_like_rows,
-                       is_torch, torch_module)
+from ._tensors import (_NUMPY_DTYPES, FLOAT_CODES, _torch_dtype_names, _torch_types, data_ptr, describe,
+                       empty_like_rows, is_torch, torch_module)
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -107,16 +107,15 @@ def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream
     wr._pending = (use_stream, y, x, T, persistent)
 
 
-# torch dtype object -> native float code / "is int64", filled on first sight from the names describe
-# has already learnt (the fast path reads them, never str(dtype)).
+# dtype object (torch or NumPy) -> native float code / "is int64", for the short path; a dtype is
+# remembered once its name is known (torch: once describe has seen it; until then the full path runs,
+# and describe learns it), so the short path never calls str(dtype).
 _fast_float_codes: dict = {}
 _fast_id_types: dict = {}
 
 
-def _fast_codes(dtype):
-    """(float code or None, int64 flag or None) of a torch dtype; remembered once describe knows its
-    name (until then the full path runs, and describe learns it)."""
-    name = _torch_dtype_names.get(dtype)
+def _fast_codes(dtype, name):
+    """(float code or None, int64 flag or None) of a dtype whose name is `name` (None: unknown)."""
     code = FLOAT_CODES.get(name) if name in _FLOAT_DTYPES else None
     is64 = {"int32": False, "int64": True}.get(name)
     if name is not None:
@@ -124,49 +123,82 @@ def _fast_codes(dtype):
     return code, is64
 
 
-def forward_cpu(wr, x: Any, ids: Any, w: Any):
-    """forward() of the common server call, in about half the Python time of submit + sync: CPU
-    torch tensors of the dtypes and shapes describe accepts, row-contiguous, no capture batch size.
-    Returns None, having done nothing, for anything else (other kinds, devices, dtypes, shapes,
-    layouts, empty batches, a pending submit): the full path then runs, and raises its errors."""
+def _numpy_dtype_name(dtype):
+    name = _NUMPY_DTYPES.get(dtype)
+    return "bfloat16" if name is None and dtype.name == "bfloat16" else name  # ml_dtypes.bfloat16
+
+
+def _code(dtype, ids: bool, name_of):
+    """The float code (ids=False) or int64 flag (ids=True) of a dtype, None if the short path does not
+    take it; name_of(dtype) gives its name the first time."""
+    c = (_fast_id_types if ids else _fast_float_codes).get(dtype, -1)
+    if c == -1:
+        c = _fast_codes(dtype, name_of(dtype))[1 if ids else 0]
+    return c
+
+
+def _short_path_args(x: Any, ids: Any, w: Any):
+    """(x code, ids int64 flag, w code, row strides in elements of x, ids, w, data pointers of x, ids,
+    w) of three CPU torch tensors or three NumPy arrays with dtypes describe accepts and rows of unit
+    stride, or None."""
     tx = type(x)
-    if tx not in _torch_types or type(ids) is not tx or type(w) is not tx or not wr._loaded or wr._pending is not None:
+    if type(ids) is not tx or type(w) is not tx:
         return None
-    if not (x.is_cpu and ids.is_cpu and w.is_cpu):
+    if tx is np.ndarray:
+        name_of = _numpy_dtype_name
+    elif tx in _torch_types and x.is_cpu and ids.is_cpu and w.is_cpu:
+        name_of = _torch_dtype_names.get
+    else:
         return None
-    xc = _fast_float_codes.get(x.dtype, -1)
-    if xc == -1:
-        xc = _fast_codes(x.dtype)[0]
-    wc = _fast_float_codes.get(w.dtype, -1)
-    if wc == -1:
-        wc = _fast_codes(w.dtype)[0]
-    i64 = _fast_id_types.get(ids.dtype, -1)
-    if i64 == -1:
-        i64 = _fast_codes(ids.dtype)[1]
+    xc, i64, wc = _code(x.dtype, False, name_of), _code(ids.dtype, True, name_of), _code(w.dtype, False, name_of)
     if xc is None or wc is None or i64 is None:
         return None
-    H, k = wr.hidden_size, wr.num_experts_per_tok
-    xs = x.shape
-    if len(xs) != 2 or xs[1] != H:
-        return None
-    T = xs[0]
-    if T == 0 or ids.shape != (T, k) or w.shape != (T, k) or T in wr._capture_batch_sizes:
-        return None
-    # describe's layout rule ("rows"): unit stride along a row, rows that do not overlap.
+    if tx is np.ndarray:
+        rows = []
+        for a in (x, ids, w):
+            st, item = a.strides, a.itemsize
+            if len(st) != 2 or st[1] != item or st[0] % item:
+                return None
+            rows.append(st[0] // item)
+        ptrs = tuple(a.__array_interface__["data"][0] for a in (x, ids, w))
+        return xc, i64, wc, tuple(rows), ptrs
     try:
         sx, si, sw = x.stride(), ids.stride(), w.stride()
     except RuntimeError:  # a sparse layout: describe names the argument
         return None
-    if sx[1] != 1 or si[1] != 1 or sw[1] != 1:
+    if len(sx) != 2 or len(si) != 2 or len(sw) != 2 or sx[1] != 1 or si[1] != 1 or sw[1] != 1:
         return None
-    if T > 1 and (sx[0] < H or si[0] < k or sw[0] < k):
+    return xc, i64, wc, (sx[0], si[0], sw[0]), (x.data_ptr(), ids.data_ptr(), w.data_ptr())
+
+
+def forward_cpu(wr, x: Any, ids: Any, w: Any):
+    """forward() of the common call, in about half the Python time of submit + sync: three CPU torch
+    tensors or three NumPy arrays of the dtypes and shapes describe accepts, rows of unit stride that
+    do not overlap, no capture batch size. Returns None, having done nothing, for anything else
+    (other kinds, devices, dtypes, shapes, layouts, empty batches, a pending submit): the full path
+    then runs, and raises its errors."""
+    if not wr._loaded or wr._pending is not None:
         return None
-    y = x.new_empty((T, H))
+    H, k = wr.hidden_size, wr.num_experts_per_tok
+    xs = getattr(x, "shape", None)
+    if xs is None or len(xs) != 2 or xs[1] != H:
+        return None
+    T = xs[0]
+    if T == 0 or getattr(ids, "shape", None) != (T, k) or getattr(w, "shape", None) != (T, k) \
+            or T in wr._capture_batch_sizes:
+        return None
+    args = _short_path_args(x, ids, w)
+    if args is None:
+        return None
+    xc, i64, wc, (sx, si, sw), (px, pi, pw) = args
+    if T > 1 and (sx < H or si < k or sw < k):  # rows that overlap: describe's "rows" rule refuses them
+        return None
+    y = empty_like_rows(x, T, H)
     counts = wr._expert_counts
     nat = _native(wr)
-    nat.submit(T, x.data_ptr(), xc, sx[0], ids.data_ptr(), i64, si[0], w.data_ptr(), wc, sw[0], wr._mask_ptr(),
-               y.data_ptr(), xc, H, int(wr.max_deferred_experts_per_token or 0),
-               counts.ctypes.data if counts is not None else 0, False, False, 0, 0, True)
+    nat.submit(T, px, xc, sx, pi, i64, si, pw, wc, sw, wr._mask_ptr(), data_ptr(y), xc, H,
+               int(wr.max_deferred_experts_per_token or 0), counts.ctypes.data if counts is not None else 0,
+               False, False, 0, 0, True)
     nat.sync(0, 0)
     return y
 

@@ -88,40 +88,46 @@ def _count_full_path_calls(monkeypatch):
 
 
 def test_forward_short_path_gives_the_bits_of_submit_sync(backend, weights, monkeypatch):
-    """forward() of CPU torch tensors runs the short path (no submit), with the output bits of
-    submit_forward + sync_forward, for every layout it takes: fp32 and bf16 states, int64 and int32
-    ids, fp32 and bf16 weights, rows strided inside a wider buffer, a single token."""
+    """forward() of CPU torch tensors or NumPy arrays runs the short path (no submit), with the output
+    bits of submit_forward + sync_forward, for every layout it takes: fp32 and bf16 states, int64 and
+    int32 ids, fp32 and bf16 weights, rows strided inside a wider buffer, a single token."""
     wr = _wrapper(weights)
     xn, idsn, wn = make_inputs(6, H, E, K)
     x32, ids64, w32 = torch.from_numpy(xn), torch.from_numpy(idsn), torch.from_numpy(wn)
     wide = torch.zeros(6, H + 32, dtype=torch.bfloat16)
     wide[:, :H] = x32.to(torch.bfloat16)
+    wide_np = np.zeros((6, H + 16), np.float32)
+    wide_np[:, :H] = xn
     cases = [(x32, ids64, w32), (x32.to(torch.bfloat16), ids64.to(torch.int32), w32.to(torch.bfloat16)),
-             (wide[:, :H], ids64, w32), (x32[:1], ids64[:1], w32[:1])]
+             (wide[:, :H], ids64, w32), (x32[:1], ids64[:1], w32[:1]),
+             (xn, idsn, wn), (xn.astype(np.float16), idsn.astype(np.int32), wn), (wide_np[:, :H], idsn, wn),
+             (xn[:1], idsn[:1], wn[:1])]
+    def as_f32(a):  # exact for every output dtype here (fp32, bf16, fp16)
+        return a.float().numpy() if isinstance(a, torch.Tensor) else a.astype(np.float32)
+
     for x, ids, w in cases:
         wr.submit_forward(x, ids, w)
-        expected = wr.sync_forward(x).clone()
+        expected = as_f32(wr.sync_forward(x))
         calls = _count_full_path_calls(monkeypatch)
         y = wr.forward(x, ids, w)
         monkeypatch.undo()
         assert not calls, "forward took the full path"
-        assert y.dtype == x.dtype and y.shape == (x.shape[0], H) and y.is_contiguous()
-        assert torch.equal(y, expected)
-        assert y.abs().sum() > 0
+        assert type(y) is type(x) and y.dtype == x.dtype and tuple(y.shape) == (x.shape[0], H)
+        assert np.array_equal(as_f32(y), expected) and np.abs(expected).sum() > 0
 
 
 def test_forward_short_path_declines_what_it_does_not_take(backend, weights, monkeypatch):
-    """NumPy arrays, capture batch sizes and rows that are not contiguous go the full path, which
-    gives its results and raises its errors (the short path never decides an input is bad)."""
+    """Capture batch sizes, mixed kinds and rows that are not contiguous go the full path, which gives
+    its results and raises its errors (the short path never decides an input is bad)."""
     wr = _wrapper(weights)
     xn, idsn, wn = make_inputs(5, H, E, K)
     calls = _count_full_path_calls(monkeypatch)
-    y_np = wr.forward(xn, idsn, wn)
-    assert len(calls) == 1 and isinstance(y_np, np.ndarray)
     KTW = kt_kernel.KTMoEWrapper
     KTW.set_capture_batch_sizes([5])
     try:
         y_cap = wr.forward(torch.from_numpy(xn), torch.from_numpy(idsn), torch.from_numpy(wn))
+        assert len(calls) == 1
+        y_np = wr.forward(xn, idsn, wn)
         assert len(calls) == 2 and np.array_equal(y_cap.numpy(), y_np)
     finally:
         KTW.clear_buffer_cache()
@@ -129,11 +135,19 @@ def test_forward_short_path_declines_what_it_does_not_take(backend, weights, mon
     x_cols = torch.from_numpy(np.ascontiguousarray(xn.T)).t()  # [5, H] with unit stride down the columns
     with pytest.raises(ValueError, match="hidden_states: the last dimension must be contiguous"):
         wr.forward(x_cols, torch.from_numpy(idsn), torch.from_numpy(wn))
+    with pytest.raises(ValueError, match="hidden_states: the last dimension must be contiguous"):
+        wr.forward(np.asfortranarray(xn), idsn, wn)
     with pytest.raises(ValueError, match="topk_ids: dimension 1 is 2"):
         wr.forward(torch.from_numpy(xn), torch.from_numpy(idsn[:, :2]), torch.from_numpy(wn))
     with pytest.raises(TypeError, match="topk_weights: dtype int64"):
         wr.forward(torch.from_numpy(xn), torch.from_numpy(idsn), torch.from_numpy(idsn))
-    assert len(calls) == 5
+    with pytest.raises(TypeError, match="hidden_states: dtype float64"):
+        wr.forward(xn.astype(np.float64), idsn, wn)
+    with pytest.raises(TypeError, match="all be torch tensors or all NumPy"):
+        wr.forward(torch.from_numpy(xn), idsn, wn)
+    with pytest.raises(ValueError, match="hidden_states: rows overlap"):
+        wr.forward(np.lib.stride_tricks.as_strided(xn, (5, H), (4 * (H // 2), 4)), idsn, wn)
+    assert len(calls) == 9
 
 
 def test_mask_updated_in_place_is_honoured(backend, weights):
