@@ -64,9 +64,8 @@ def main() -> None:
                                  torch.randn(E, H, I, generator=gen, dtype=torch.bfloat16))
     rng = np.random.default_rng(1)
     w = torch.rand(1, k, generator=gen)
-    y_native = torch.empty(1, H, dtype=torch.bfloat16)
-
     w_np = w.numpy()
+    y_native = torch.empty(1, H, dtype=torch.bfloat16)
 
     def full(x, ids):
         wr._pool.wake()
@@ -97,8 +96,8 @@ def main() -> None:
         ways[name](x, ids)
         times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t[len(t) // 10:]) * 1e6 for name, t in times.items()}
-    print(f"{m.title}: {E} experts, top-{k}, H {H}, I {I}; {args.method}, {args.threads} threads, 1 token; median us per call over "
-          f"{args.calls - args.calls // 10} calls each")
+    print(f"{m.title}: {E} experts, top-{k}, H {H}, I {I}; {args.method}, {args.threads} threads, 1 token; "
+          f"median us per call over {args.calls - args.calls // 10} calls each")
     for name in names:
         print(f"  {name:8s} {med[name]:9.1f}")
     print(f"  forward - native {med['forward'] - med['native']:6.1f} us (Python and argument checks)")

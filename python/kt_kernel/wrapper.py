@@ -284,7 +284,8 @@ class KTMoEWrapper:
 
     def forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0):
         """submit_forward then sync_forward (in CPU mode the work runs on this thread when no other
-        layer's task is queued, saving two thread hand-offs)."""
+        layer's task is queued, saving two thread hand-offs; three CPU torch tensors or NumPy arrays
+        take a short path past the argument descriptions, _async.forward_cpu)."""
         if not cuda_stream:
             self._pool.wake()  # the workers' wake-up overlaps the argument checks below
         with self._lock:
