@@ -330,16 +330,27 @@ def run_hf(threads: int, tokens: int, seed: int) -> None:
               f"models' logits differ by up to {float((la - lb).abs().max()):.4f} (a near-tie, decided by rounding)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 decode steps or layers would print NaN figures)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="kt-kernel demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b")
     p.add_argument("--methods", default="INT4,INT8,BF16", help="comma list of INT4, INT8, BF16")
-    p.add_argument("--layers", type=int, default=2, help="MoE layers in the checkpoint (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
-    p.add_argument("--decode-steps", type=int, default=200,
+    p.add_argument("--layers", type=_positive_int, default=2, help="MoE layers in the checkpoint (default 2)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all CPUs)")
+    p.add_argument("--decode-steps", type=_positive_int, default=200,
                    help="decode steps timed per format (default 200: a median over a second or so)")
-    p.add_argument("--prefill-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="write the checkpoint and converted files here (kept)")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from kt_kernel import demo
 
 
@@ -20,3 +22,13 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     # Decode stated against the read probes around it: "NN% of GG" (GB/s) in every row.
     for m in errs:
         assert re.search(rf"^{m} .* \d+% of \d+ ", out, re.M), out
+
+
+@pytest.mark.parametrize("flag, value", [("--decode-steps", "0"), ("--layers", "-1"), ("--prefill-tokens", "x"),
+                                         ("--threads", "0")])
+def test_demo_refuses_counts_below_one(flag, value, capsys):
+    """A count of 0 would print NaN figures: refused with argparse's usage error naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        demo.main([flag, value])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
