@@ -177,6 +177,7 @@ struct Streams {
   size_t sums_per_group;                // INT4: activation sums (per 32 k) per group
   size_t block_bytes;                   // bytes of one block's weights
   size_t pf_dist;                       // streaming variant: prefetch distance in bytes
+  bool bursts;                          // streaming variant: read in bursts (TilePlan::bursts)
   // Prefetch. Streaming variant: each stream prefetches pf_dist bytes
   // ahead; past the end of its block it continues pf_jump bytes further on,
   // into the block it reads next, so the next group of blocks starts warm.
@@ -313,12 +314,55 @@ struct DotChains {
   static constexpr int kKS = NS * MT >= 8 ? 1 : (NS * MT >= 4 ? 2 : (NS * MT >= 2 ? 4 : 8));
 };
 
+// Streaming tiles of two streams or more (GEMV gate/up: a gate and an up
+// block) and one token read their streams in bursts: kBurstSteps
+// consecutive steps (512 bytes) of one stream, then of the next, with one
+// prefetch per burst, instead of a line of each stream in turn with a
+// prefetch per line. In the host's fast state, where each core reads at its
+// own limit, bursts are what a core streams best: a C++ loop reading the
+// decode pattern (2 pinned threads, random experts, two streams per gate/up
+// task) read 74-78 GB/s in bursts against 63-70 line by line (line by line
+// with a prefetch per 512 bytes: 64-66; bursts with a prefetch per line:
+// 70-71); the library's read probe is a burst loop itself. 1-token calls,
+// 2 threads, alternated in one process: DeepSeek-V2-Lite INT8 gate/up
+// 653-661 us per call against 669-685 (~80 GB/s), Qwen3-30B-A3B INT8
+// 335-340 against 351-355 in one fast-state episode and equal in another,
+// ~1% faster at ~50 GB/s; one core (bench_kernels --gemv 1): INT8 gate/up
+// 38.9-40.3 GB/s against 35.9-38.1, BF16 40.1-41.2 against 38.8-39.6. With
+// more tokens the bursts lose (each burst re-broadcasts the activations, and
+// a stream alone has too few accumulators for the dot latency: INT8 at 4
+// tokens 28.4 against 35.8 GB/s), and INT4, whose steps unpack nibbles, lost
+// with bursts even at one token (gate/up 30-32 against 38 GB/s, one core):
+// both keep the line-by-line walk. Down's single stream (one block at a
+// time, in memory order) keeps a prefetch per line: in bursts it was 1.5%
+// slower at ~50 GB/s and no faster at ~80.
+constexpr size_t kBurstSteps = 8;
+
 template <class Dot, bool PF, int KS, int NS, int MT>
 __attribute__((always_inline)) static inline void dot_steps(const Streams& s, const Tokens& tk, size_t i0, size_t i1,
                                                             typename Dot::Acc (&acc)[KS][NS][MT]) {
   const uint8_t* w[NS];
   const uint8_t* a[MT];
   tile_pointers(s, tk, w, a);
+  // Bursts need whole bursts: every caller's range is a multiple of 8 steps
+  // (blocks have a multiple of 16 steps, INT8 groups of 32 k are 8 steps),
+  // and KS (1, 2, 4 or 8) divides kBurstSteps.
+  if (PF && NS >= 2 && MT == 1 && s.bursts && (i1 - i0) % kBurstSteps == 0) {
+    for (size_t i = i0; i < i1; i += kBurstSteps) {
+#pragma GCC unroll 64
+      for (int j = 0; j < NS; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[j] + gemv_prefetch_offset(s, i * kStepBytes)), _MM_HINT_T0);
+#pragma GCC unroll 8
+        for (size_t q = 0; q < kBurstSteps; ++q) {
+          const size_t wo = (i + q) * kStepBytes, ao = (i + q) * 4;
+          const __m512i wv = _mm512_loadu_si512(w[j] + wo);
+#pragma GCC unroll 64
+          for (int t = 0; t < MT; ++t) acc[q % KS][j][t] = Dot::dot(acc[q % KS][j][t], bcast32(a[t] + ao), wv);
+        }
+      }
+    }
+    return;
+  }
   for (size_t i = i0; i < i1; i += KS) {
 #pragma GCC unroll 8
     for (int ks = 0; ks < KS; ++ks) {
@@ -375,6 +419,9 @@ struct TilePlan {
   size_t blocks;       // row blocks per tile and matrix (gate/up: blocks of each)
   size_t tile_tokens;  // activation rows per tile
   size_t pf_dist = kPrefetchBytes;  // prefetch distance of the streaming variant
+  // GEMV: one-token tiles of two streams or more read each stream in bursts
+  // of kBurstSteps consecutive steps, prefetched once per burst (dot_steps).
+  bool bursts = false;
 };
 
 static inline void fill_tokens(const ActsView& a, size_t t0, size_t mt, Tokens* tk) {
@@ -420,6 +467,7 @@ static inline void drive(const TilePlan& plan, const PackedMatrixView* mats, siz
   Streams s;
   set_geometry(mats[0], &s);
   s.pf_dist = plan.pf_dist;
+  s.bursts = plan.bursts;
   Tokens tk;
   tk.to_rows = false;
   alignas(64) float res[kMaxStreams * kMaxTileTokens * 16];

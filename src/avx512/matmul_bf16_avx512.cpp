@@ -73,7 +73,7 @@ TilePlan plan_for(size_t tokens, size_t matrices) {
   if (tokens <= kBf16GemvMaxTokens) {
     const size_t down_blocks = tokens <= kBf16GemvFewTokens ? kBf16GemvDownBlocksFew : kBf16GemvDownBlocks;
     return TilePlan{select_gemv, select_gemv, matrices == 1 ? down_blocks : kBf16GemvGateUpBlocks, tokens,
-                    kBf16GemvPrefetchBytes};
+                    kBf16GemvPrefetchBytes, matrices == 2};
   }
   return TilePlan{select_gemm_first, select_gemm, matrices == 1 ? kBf16GemmDownBlocks : kBf16GemmGateUpBlocks,
                   kBf16GemmTokens};
