@@ -328,14 +328,15 @@ struct DotChains {
 // 653-661 us per call against 669-685 (~80 GB/s), Qwen3-30B-A3B INT8
 // 335-340 against 351-355 in one fast-state episode and equal in another,
 // ~1% faster at ~50 GB/s; one core (bench_kernels --gemv 1): INT8 gate/up
-// 38.9-40.3 GB/s against 35.9-38.1, BF16 40.1-41.2 against 38.8-39.6. With
-// more tokens the bursts lose (each burst re-broadcasts the activations, and
-// a stream alone has too few accumulators for the dot latency: INT8 at 4
+// 38.9-40.3 GB/s against 35.9-38.1 (the latter also without the INT8
+// tiles' scale prefetch), BF16 40.1-41.2 against 38.8-39.6. With more
+// tokens the bursts lose (each burst re-broadcasts the activations, and a
+// stream alone has too few accumulators for the dot latency: INT8 at 4
 // tokens 28.4 against 35.8 GB/s), and INT4 lost with bursts even at one
-// token (gate/up 30-32 against 38-40 GB/s, one core; 37 with a prefetch
-// per line in the bursts): both keep the line-by-line walk. Down's single stream (one block at a
-// time, in memory order) keeps a prefetch per line: in bursts it was 1.5%
-// slower at ~50 GB/s and no faster at ~80.
+// token (gate/up 30-32 against 38-40 GB/s, one core; 37 with a prefetch per
+// line in the bursts): both keep the line-by-line walk. Down's single
+// stream (one block at a time, in memory order) keeps a prefetch per line:
+// in bursts it was 1.5% slower at ~50 GB/s and no faster at ~80.
 constexpr size_t kBurstSteps = 8;
 
 template <class Dot, bool PF, int KS, int NS, int MT>
