@@ -36,7 +36,6 @@ constexpr size_t kQ4GemvDownBlocksFew = 1;
 constexpr size_t kQ4GemvFewTokens = 3;
 constexpr size_t kQ4GemvDownBlocks = 2;
 constexpr size_t kQ4GemvPrefetchBytes = 4096;
-constexpr size_t kQ4ScalePrefetchGroups = 4;
 constexpr size_t kQ4GemmStreams = 4;
 constexpr size_t kQ4GemmTokens = 4;
 
@@ -76,15 +75,12 @@ struct Q4 {
       const size_t gsteps = s.group_steps, spg = s.sums_per_group;
       size_t i = 0;
       for (size_t g = 0; g < s.groups; ++g) {
-        // The scales (and mins) are a slow stream of their own (one line per
-        // 16 steps of a block): prefetched kQ4ScalePrefetchGroups groups ahead,
-        // running on into the next block's (gate/up at 1 token, 1 thread: +8%).
+        // The scales (and mins): a slow stream of their own (prefetch_group_line_ahead).
         if (PF) {
 #pragma GCC unroll 64
           for (int j = 0; j < NS; ++j) {
-            const size_t ahead = (g + kQ4ScalePrefetchGroups) * kRowBlock;
-            _mm_prefetch(reinterpret_cast<const char*>(s.scales[j] + ahead), _MM_HINT_T0);
-            if (kMins) _mm_prefetch(reinterpret_cast<const char*>(s.mins[j] + ahead), _MM_HINT_T0);
+            prefetch_group_line_ahead(s.scales[j], g);
+            if (kMins) prefetch_group_line_ahead(s.mins[j], g);
           }
         }
         // The group's activation sums. Symmetric weights carry +8 in every

@@ -40,7 +40,6 @@ constexpr size_t kQ8GemvPrefetchBytes = 4096;
 constexpr size_t kQ8GemmTokens = 6;
 constexpr size_t kQ8GemmGateUpBlocks = 2;
 constexpr size_t kQ8GemmDownBlocks = 4;
-constexpr size_t kQ8GScaleAheadGroups = 4;
 
 template <int NS, int MT, bool PF>
 struct TileQ8 {
@@ -116,17 +115,13 @@ struct TileQ8G {
     const size_t gsteps = s.group_steps;
     size_t i = 0;
     for (size_t g = 0; g < s.groups; ++g, i += gsteps) {
-      // Each group's scales and compensation are a line each in arrays of
-      // their own: prefetched kQ8GScaleAheadGroups groups ahead, running on
-      // into the next block's, as the INT4 tiles do (bench_kernels --format
-      // int8_g32,int8_g128 --gemv 1 --shape 768x2048, 1 core: gate/up
-      // 35.6-38.6 -> 39.1-40.4 GB/s, down 30.5-32.3 -> 32.8-34.4).
+      // The group's scales and compensation: slow streams of their own
+      // (prefetch_group_line_ahead).
       if (PF)
 #pragma GCC unroll 64
         for (int j = 0; j < NS; ++j) {
-          const size_t ahead = (g + kQ8GScaleAheadGroups) * kRowBlock;
-          _mm_prefetch(reinterpret_cast<const char*>(s.scales[j] + ahead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(s.comp[j] + ahead), _MM_HINT_T0);
+          prefetch_group_line_ahead(s.scales[j], g);
+          prefetch_group_line_ahead(s.comp[j], g);
         }
       __m512i acc[1][NS][MT];
       zero_acc<DotU8S8>(acc);
