@@ -448,7 +448,7 @@ struct TilePlan {
 // 23.18 / 22.18 ms against 23.48 / 22.49, INT4 25.34 / 25.05 against 25.76
 // / 25.52, DeepSeek-V2-Lite INT8 29.09 / 28.35 against 29.26 / 28.61; at
 // 2048 tokens within 0.5% either way (more tokens per expert, a smaller
-// share in the last tile). The drive loop (m > 0) only builds it.
+// share in the last tile). Only drive builds it, past its m == 0 return.
 struct TokenTiles {
   size_t base, longer;  // every tile has base tokens, the first `longer` one more
   TokenTiles(size_t m, size_t t) {
