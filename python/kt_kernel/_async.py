@@ -205,9 +205,7 @@ def forward_cpu(wr, x: Any, ids: Any, w: Any):
         return None
     if T > 1 and (sx < H or si < k or sw < k):  # rows that overlap: describe's "rows" rule refuses them
         return None
-    nat = getattr(wr, "_async", None)
-    if nat is None or wr._async_owner is not wr._layer:
-        nat = _native(wr)
+    nat = _native(wr)
     counts = wr._expert_counts
     nat.submit(T, px, xc, sx, pi, i64, si, pw, wc, sw, wr._mask_ptr(), py, xc, H,
                int(wr.max_deferred_experts_per_token or 0), counts.ctypes.data if counts is not None else 0,
