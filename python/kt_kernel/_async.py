@@ -35,7 +35,7 @@ def _native(wr):
     """The AsyncLayer of the wrapper's current native layer (rebuilt if the layer was)."""
     a = getattr(wr, "_async", None)
     if a is None or wr._async_owner is not wr._layer:
-        a = _kt_kernel.AsyncLayer(wr._layer, wr._layer.address, wr.layer_idx)
+        a = _kt_kernel.AsyncLayer(wr._layer, wr.layer_idx)
         wr._async, wr._async_owner = a, wr._layer
     return a
 
@@ -62,14 +62,16 @@ def _new_output(x_info, T: int, H: int):
     return obj.new_empty((T, H)) if x_info.device != "cpu" else empty_like_rows(obj, T, H)
 
 
-def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int,
-           num_tokens: Optional[Any] = None, run_inline: bool = False) -> None:
-    """run_inline (forward(), which syncs at once): in CPU mode the layer runs on this thread if no
-    other layer task is queued or running, which saves the hand-off to the executor and back."""
+def _prepare(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int,
+             num_tokens: Optional[Any], run_inline: bool, caller: str):
+    """Checks a call's arguments: (the native submit's arguments, (use_stream, CPU-mode output, x info,
+    T, persistent)). Raises, having changed nothing, on bad input or a submit pending."""
     if not wr._loaded:
         raise RuntimeError("weights are not loaded: call load_weights_from_tensors or load_weights first")
     if isinstance(cuda_stream, bool) or not isinstance(cuda_stream, (int, np.integer)) or cuda_stream < 0:
         raise TypeError(f"cuda_stream: expected a non-negative int (a cudaStream_t handle), got {cuda_stream!r}")
+    if cuda_stream >= 1 << 64:
+        raise ValueError(f"cuda_stream: {cuda_stream} is not a cudaStream_t handle (more than 64 bits)")
     H, k = wr.hidden_size, wr.num_experts_per_tok
     x = describe(hidden_states, "hidden_states", dtypes=_FLOAT_DTYPES, ndim=2, shape=(None, H), allow_cuda=True)
     T = x.shape[0]
@@ -91,20 +93,62 @@ def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream
             raise ValueError("num_tokens applies to stream mode only (a nonzero cuda_stream or device inputs)")
         nt = describe(num_tokens, "num_tokens", dtypes=("int64",), ndim=1, shape=(1,), allow_cuda=True)
         tokens_dev = nt.ptr
-    if wr._pending is not None:
-        raise RuntimeError(f"layer {wr.layer_idx}: submit_forward called twice without sync_forward")
+    _check_not_pending(wr, caller)
     persistent = T in wr._capture_batch_sizes  # the class's list (set_capture_batch_sizes)
     y, y_ptr, y_stride = None, 0, 0
     if not use_stream:
         y = _output(wr, x, T, persistent, False)  # ours: [T, H], C-contiguous, on the CPU
         y_ptr, y_stride = data_ptr(y), H
     counts = wr._expert_counts
-    _native(wr).submit(T, x.ptr, FLOAT_CODES[x.dtype], x.row_stride, ids.ptr, ids.dtype == "int64", ids.row_stride,
-                       w.ptr, FLOAT_CODES[w.dtype], w.row_stride, wr._mask_ptr(), y_ptr, FLOAT_CODES[x.dtype],
-                       y_stride, int(wr.max_deferred_experts_per_token or 0),
-                       counts.ctypes.data if counts is not None else 0, persistent, use_stream, int(cuda_stream),
-                       tokens_dev, run_inline and not use_stream)
-    wr._pending = (use_stream, y, x, T, persistent)
+    args = (T, x.ptr, FLOAT_CODES[x.dtype], x.row_stride, ids.ptr, ids.dtype == "int64", ids.row_stride,
+            w.ptr, FLOAT_CODES[w.dtype], w.row_stride, wr._mask_ptr(), y_ptr, FLOAT_CODES[x.dtype],
+            y_stride, int(wr.max_deferred_experts_per_token or 0),
+            counts.ctypes.data if counts is not None else 0, persistent, use_stream, int(cuda_stream),
+            tokens_dev, run_inline and not use_stream)
+    return args, (use_stream, y, x, T, persistent)
+
+
+def _check_not_pending(wr, caller: str) -> None:
+    """The native layer's pending flag is the truth; wr._pending (what sync needs to return) is set
+    before the native submit, so a KeyboardInterrupt anywhere leaves at worst a stale record, which
+    this clears."""
+    nat = wr._async if wr._async_owner is wr._layer else None
+    if nat is not None and nat.pending:
+        if caller == "submit_forward":
+            raise RuntimeError(f"layer {wr.layer_idx}: submit_forward called twice without sync_forward")
+        raise RuntimeError(f"layer {wr.layer_idx}: {caller} called while a submit_forward is pending "
+                           "(call sync_forward first)")
+    wr._pending = None
+
+
+def submit(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int,
+           num_tokens: Optional[Any] = None) -> None:
+    args, info = _prepare(wr, hidden_states, topk_ids, topk_weights, cuda_stream, num_tokens, False,
+                          "submit_forward")
+    nat = _native(wr)
+    wr._pending = info
+    try:
+        nat.submit(*args)
+    except BaseException:
+        if not nat.pending:  # (an interrupt after the native submit returned leaves it pending: keep the record)
+            wr._pending = None
+        raise
+
+
+def forward(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int):
+    """forward()'s full path: submit + sync in one native call (nothing between them to interrupt); in CPU
+    mode the layer runs on this thread if no other layer task is queued or running, which saves the
+    hand-off to the executor and back."""
+    args, (use_stream, y, x, T, persistent) = _prepare(wr, hidden_states, topk_ids, topk_weights, cuda_stream,
+                                                       None, True, "forward")
+    nat = _native(wr)
+    if use_stream:
+        y = _output(wr, x, T, persistent, True)
+        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, wr.hidden_size), allow_cuda=True)
+        nat.forward(*args, yi.ptr, yi.row_stride)
+    else:
+        nat.forward(*args, 0, 0)
+    return y
 
 
 # dtype object (torch or NumPy) -> native float code / "is int64", for the short path; a dtype is
@@ -207,22 +251,39 @@ def forward_cpu(wr, x: Any, ids: Any, w: Any):
         return None
     nat = _native(wr)
     counts = wr._expert_counts
-    nat.submit(T, px, xc, sx, pi, i64, si, pw, wc, sw, wr._mask_ptr(), py, xc, H,
-               int(wr.max_deferred_experts_per_token or 0), counts.ctypes.data if counts is not None else 0,
-               False, False, 0, 0, True)
-    nat.sync(0, 0)
+    nat.forward(T, px, xc, sx, pi, i64, si, pw, wc, sw, wr._mask_ptr(), py, xc, H,
+                int(wr.max_deferred_experts_per_token or 0), counts.ctypes.data if counts is not None else 0,
+                False, False, 0, 0, True, 0, 0)
     return y
 
 
 def sync(wr, hidden_states: Any, cuda_stream: int):
-    if wr._pending is None:
+    nat = wr._async if wr._async_owner is wr._layer else None
+    info = wr._pending
+    if nat is None or not nat.pending or info is None:
+        wr._pending = None
         raise RuntimeError(f"layer {wr.layer_idx}: sync_forward called without submit_forward")
-    use_stream, y, x, T, persistent = wr._pending
-    wr._pending = None
-    if use_stream:
-        y = _output(wr, x, T, persistent, True)
-        yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, wr.hidden_size), allow_cuda=True)
-        _native(wr).sync(yi.ptr, yi.row_stride)
-    else:
-        _native(wr).sync(0, 0)
+    use_stream, y, x, T, persistent = info
+    try:
+        if use_stream:
+            y = _output(wr, x, T, persistent, True)
+            yi = describe(y, "output", dtypes=_FLOAT_DTYPES, ndim=2, shape=(T, wr.hidden_size), allow_cuda=True)
+            nat.sync(yi.ptr, yi.row_stride)
+        else:
+            nat.sync(0, 0)
+    finally:
+        if not nat.pending:
+            wr._pending = None
     return y
+
+
+def drain(wr, caller: str) -> None:
+    """Waits for every queued, running or stream-pending task of the wrapper's layer (its weights may then
+    change); raises if a submit_forward is pending."""
+    nat = wr._async if wr._async_owner is wr._layer else None
+    if nat is None:
+        return
+    if nat.pending:
+        raise RuntimeError(f"layer {wr.layer_idx}: {caller} called while a submit_forward is pending "
+                           "(call sync_forward first)")
+    nat.drain()

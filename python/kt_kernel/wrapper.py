@@ -137,6 +137,16 @@ class KTMoEWrapper:
     def __init__(self, *args, **kwargs):  # everything happens in __new__ (servers introspect it)
         pass
 
+    def __del__(self):
+        # Queued work writes this wrapper's output arrays and reads its mask and counts: it must be done
+        # before they are freed, and they go before the native layer when the instance dict is cleared.
+        a = self.__dict__.get("_async")
+        if a is not None:
+            try:
+                a.wait_idle()
+            except Exception:  # noqa: BLE001 (a finalizer must not raise; the native destructor waits too)
+                pass
+
     # ------------------------------------------------------------------ set-up
     def _init(self, layer_idx, num_experts, top_k, hidden, inter, gpu_experts_mask, cpuinfer_threads,
               threadpool_count, weight_path, chunked_prefill_size, cpu_save, max_deferred, method,
@@ -238,23 +248,32 @@ class KTMoEWrapper:
         elif n_logical != self.num_experts:
             raise ValueError(f"gate_proj has {n_logical} experts but num_experts is {self.num_experts}; "
                              "pass physical_to_logical_map")
-        self._layer.load_dense(g.ptr, u.ptr, d.ptr, FLOAT_CODES[g.dtype], n_logical, map_ptr, 0)
-        self._loaded = True
+        with self._lock:
+            _async.drain(self, "load_weights_from_tensors")
+            self._loaded = False
+            self._layer.load_dense(g.ptr, u.ptr, d.ptr, FLOAT_CODES[g.dtype], n_logical, map_ptr, 0)
+            self._loaded = True
 
     def load_weights(self, physical_to_logical_map: Any = None) -> None:
         """Loads this layer's experts from weight_path: converted files (`kt-kernel convert`), a Hugging Face
-        checkpoint or a GGUF file (see kt_kernel/weights/loader.py). Blocks until resident. Experts marked in
+        checkpoint or a GGUF file (see kt_kernel/weights/loader.py). Blocks until resident (and, first, until
+        this layer's queued work is done; raises if a submit_forward is pending). Experts marked in
         gpu_experts_mask are not loaded; physical_to_logical_map (int64 [num_experts]) picks each slot's expert."""
         from .weights.loader import load_into
 
-        self._loaded = False
-        load_into(self, physical_to_logical_map)
-        self._loaded = True
+        # Under the lock, after this layer's in-flight work: a forward on another thread waits for the
+        # load, and no queued task reads weights while they change.
+        with self._lock:
+            _async.drain(self, "load_weights")
+            self._loaded = False
+            load_into(self, physical_to_logical_map)
+            self._loaded = True
 
     def _rebuild_layer(self, group_size: int, scheme: Optional[int] = None) -> None:
         """Recreates the native layer with another INT4 group size (a converted file's, when none was given),
         or, for the INT8 methods, as per-channel (SCHEME_INT8, 0) or grouped INT8 (SCHEME_INT8_GROUP, group):
-        load_weights adopts the weights' own INT8 form (GGUF Q8_0 is grouped INT8, group 32)."""
+        load_weights adopts the weights' own INT8 form (GGUF Q8_0 is grouped INT8, group 32). Called by
+        load_weights, under the lock and after the old layer's work has drained."""
         layer = _kt_kernel.MoeLayer(self._pool, self.num_experts,
                                     self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size,
                                     self.scheme if scheme is None else scheme, group_size, *self._activation)
@@ -293,8 +312,7 @@ class KTMoEWrapper:
                 y = _async.forward_cpu(self, hidden_states, topk_ids, topk_weights)
                 if y is not None:
                     return y
-            _async.submit(self, hidden_states, topk_ids, topk_weights, cuda_stream, run_inline=True)
-            return _async.sync(self, hidden_states, cuda_stream)
+            return _async.forward(self, hidden_states, topk_ids, topk_weights, cuda_stream)
 
     def submit_forward(self, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stream: int = 0,
                        num_tokens: Any = None) -> None:

@@ -13,9 +13,14 @@
 //     then the host-to-device copy of the output. Every call is
 //     stream-ordered and allocation-free once a size's staging exists, so a
 //     CUDA graph can capture submit + sync and replay them.
-// Staging is per token count for the capture batch sizes (persistent, so a
-// captured graph's addresses stay valid) plus one growable set for the rest,
-// each shared by all layers of one parity (see Group in the .cpp).
+// Staging sets (the buffers of one layer call in flight) come from a
+// process-wide pool per capture batch size (persistent, so a captured graph's
+// addresses stay valid) plus one growable pool for the other sizes. A set is
+// held from submit until that call's sync, and, when the call defers
+// experts, until the sync of the layer that consumes them: two calls in
+// flight never share one. The lowest free set is taken, so a fixed order of
+// calls (a model's layers) always gets the same sets: one for all layers
+// without deferral, two alternating with it (see Staging in the .cpp).
 // The token count a task computes is read from its slot when the task runs
 // (optionally copied in stream order from a device scalar), so one captured
 // graph can serve fewer real tokens than its size.
@@ -25,6 +30,16 @@
 // next layer submitted after it (in the same process), by that layer's main
 // task. The deferred task is queued before that main task, so it is done by
 // then (FIFO); the sync of the deferring layer waits for its main task only.
+// The consumer must be a later layer (a greater layer_idx) running the same
+// token count; otherwise its submit raises, naming both layers, and the
+// deferred part is dropped (so the next call starts clean): a deferred part
+// never lands in an unrelated call (the last MoE layer of a model must pass
+// max_deferred_experts_per_token = 0, as SGLang does).
+//
+// Lifetimes: every object a queued task or a stream host function reads is
+// its slot, or held by its slot through a shared_ptr that changes only after
+// the slot's work has drained; the destructor drains every slot, so a layer
+// destroyed with work pending waits for it.
 #pragma once
 
 #include <atomic>
@@ -90,7 +105,7 @@ struct AsyncSubmitArgs {
 class AsyncLayer {
  public:
   AsyncLayer(MoeLayer& layer, int layer_idx);
-  ~AsyncLayer();  // waits for this layer's queued work
+  ~AsyncLayer();  // waits for this layer's queued work (and releases its staging)
 
   // Throws std::invalid_argument / std::runtime_error (including a failure
   // of an earlier stream-mode task of this layer) before queuing anything.
@@ -101,19 +116,33 @@ class AsyncLayer {
   // memory, [tokens][hidden], y_stride elements) on the stream.
   void sync(void* y, size_t y_stride);
 
+  // submit then sync in one call (forward()): nothing can come between them,
+  // so an interrupted caller never leaves a submit pending.
+  void forward(const AsyncSubmitArgs& a, void* y, size_t y_stride);
+
   bool pending() const { return pending_ != nullptr; }
+
+  // Waits until none of this layer's work is queued, running, or still on a
+  // stream (a host sync): weights may then change. Throws if a submit is
+  // pending (its sync must come first).
+  void drain();
+  // The same wait, pending submit or not (before the objects the work reads
+  // are freed: the owner's finalizer).
+  void wait_idle();
 
   // Drops this layer's per-size slots (waits for their queued work first).
   void clear_persistent();
-  // Drops the process-wide staging sets (after every layer's clear_persistent
-  // this frees their memory).
+  // Drops the process-wide staging sets not held by a call in flight (after
+  // every layer's clear_persistent this frees their memory).
   static void release_shared_staging();
 
   // Staging slots held (persistent sizes + the growable one), for tests.
   size_t num_slots() const;
+  // Staging sets in the process-wide pools (held or free), for tests.
+  static size_t num_staging_sets();
 
   struct Slot;
-  struct Group;
+  struct Staging;
 
  private:
   std::shared_ptr<Slot> slot_for(const AsyncSubmitArgs& a);

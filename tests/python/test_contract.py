@@ -75,15 +75,15 @@ def test_rows_without_cpu_expert_are_zero(backend, weights):
 
 
 def _count_full_path_calls(monkeypatch):
-    """A list that gains an entry each time forward() takes the full path (submit + sync)."""
+    """A list that gains an entry each time forward() takes the full path (submit + sync in one call)."""
     calls = []
-    full = kt_kernel._async.submit
+    full = kt_kernel._async.forward
 
     def counted(*a, **kw):
         calls.append(1)
         return full(*a, **kw)
 
-    monkeypatch.setattr(kt_kernel._async, "submit", counted)
+    monkeypatch.setattr(kt_kernel._async, "forward", counted)
     return calls
 
 

@@ -79,6 +79,8 @@ def test_chain_of_layers_and_bf16_output(weights):
     xt, idt, wt = torch.from_numpy(x).to(torch.bfloat16), torch.from_numpy(ids), torch.from_numpy(w)
     layers = [_layer(weights, i % 2, d) for i, d in enumerate((2, 1, 0))]
     plain = [_layer(weights, i % 2, 0) for i in range(3)]
+    for i, wr in enumerate(layers):
+        wr.layer_idx = i  # a consumer is a later layer
     total = sum(p.forward(xt, idt, wt).float() for p in plain)
     got = sum(l.forward(xt, idt, wt).float() for l in layers)
     assert got.dtype == torch.float32
