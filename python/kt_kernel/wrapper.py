@@ -282,12 +282,37 @@ class KTMoEWrapper:
         if scheme is not None:
             self.scheme = scheme
 
+    # ------------------------------------------------- objects queued work reads
+    @property
+    def gpu_experts_mask(self):
+        """bool [num_experts], True = the expert runs on the GPU (skipped here). Read by every call when its
+        work runs: update it in place (`copy_`, `[:] =`); assigning another object first waits for this
+        layer's queued work, which may still read the old one."""
+        return self._gpu_experts_mask
+
+    @gpu_experts_mask.setter
+    def gpu_experts_mask(self, mask) -> None:
+        self._replace_read_by_work("_gpu_experts_mask", mask)
+
+    def _replace_read_by_work(self, name: str, value) -> None:
+        """Sets an attribute that queued tasks read through a raw address, after they are done (under the
+        lock, so no call in between takes the old address)."""
+        lock = self.__dict__.get("_lock")
+        if lock is None:  # still in _init: nothing has run
+            setattr(self, name, value)
+            return
+        with lock:
+            a = self.__dict__.get("_async")
+            if a is not None:
+                a.wait_idle()
+            setattr(self, name, value)
+
     # ----------------------------------------------------------------- forward
     def _mask_ptr(self) -> int:
         """Address of gpu_experts_mask, validated again whenever the attribute holds another
         object, or the same one with another dtype, shape, strides or address (a full describe
         costs a microsecond per call, and the mask rarely changes)."""
-        m = self.gpu_experts_mask
+        m = self._gpu_experts_mask
         if is_torch(m):
             key = (m, m.dtype, m.shape, m.stride(), m.data_ptr())
         else:
@@ -347,7 +372,7 @@ class KTMoEWrapper:
     def enable_activation_counting(self, on: bool = True) -> None:
         """Counts, per expert, the (token, k) pairs routed to it (valid ids, GPU-resident experts
         included), from now on; cheap (done by the layer task). See kt_kernel.placement."""
-        self._expert_counts = np.zeros(self.num_experts, np.int64) if on else None
+        self._replace_read_by_work("_expert_counts", np.zeros(self.num_experts, np.int64) if on else None)
 
     def activation_counts(self) -> np.ndarray:
         """int64 [num_experts] counts since enable_activation_counting (zeros if off). In stream mode

@@ -428,3 +428,38 @@ def test_reload_concurrent_with_forward_on_another_thread(weights):
     assert outs
     mixed = [o for o in outs if not any(np.array_equal(o, r) for r in refs)]
     assert not mixed, f"{len(mixed)} of {len(outs)} results match neither weight set"
+
+
+def _hold_stream_busy(fake, S, seconds=0.3):
+    """Queues a host function that sleeps on stream S (the GPU still busy with earlier work); returns the
+    callback object, which must stay alive until the stream has run it."""
+    busy = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: time.sleep(seconds))
+    launch = fake.lib.cudaLaunchHostFunc
+    launch.argtypes, launch.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    assert launch(S, ctypes.cast(busy, ctypes.c_void_p), None) == 0
+    return busy
+
+
+@pytest.mark.parametrize("what", ["mask", "counts"])
+def test_replacing_what_queued_work_reads_waits_for_it(weights, what):
+    """Assigning another gpu_experts_mask, or turning activation counting off, while a stream-mode call
+    has not run yet: the assignment waits for the call (which reads the old object through its address),
+    so the call completes before the old object can be freed."""
+    fake = _fake_or_skip()
+    S = 0x7404
+    wr = _layer(weights, 0)
+    wr.enable_activation_counting(True)
+    x = make_inputs(5, H, E, K, seed=15)
+    ref = _ref(wr, *x)
+    busy = _hold_stream_busy(fake, S)
+    wr.submit_forward(*x, S)
+    y = wr.sync_forward(x[0], S)
+    if what == "mask":
+        new = wr.gpu_experts_mask.clone() if hasattr(wr.gpu_experts_mask, "clone") else wr.gpu_experts_mask.copy()
+        new[:] = True
+        wr.gpu_experts_mask = new
+    else:
+        wr.enable_activation_counting(False)
+    assert np.array_equal(np.array(y), ref), "the assignment returned before the queued call ran"
+    fake.wait_idle(S)
+    del busy
