@@ -275,10 +275,32 @@ except ValueError as e:
     assert r.stdout.startswith("ValueError:") and name in r.stdout and "not a regular file" in r.stdout, r.stdout
 
 
+def test_fifos_in_the_output_directory_are_replaced(tmp_path):
+    """FIFOs where the converter writes (a layer file, its .partial, the manifest's temporary) neither block
+    the conversion nor survive it."""
+    src = write_ckpt(str(tmp_path / "hf"))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("layer_000.safetensors", "layer_000.safetensors.partial", "kt_kernel_model.json.tmp"):
+        os.mkfifo(out / name)
+    r = run_py(f"""
+import io
+from kt_kernel.weights import convert as conv
+log = io.StringIO()
+conv.convert({src!r}, {str(out)!r}, 'AMXINT8', threads=1, progress=log)
+print(log.getvalue())""")
+    assert r.returncode == 0, r.stderr
+    assert "not a regular file" in r.stdout and "converting again" in r.stdout, r.stdout
+    assert sorted(os.listdir(out)) == ["kt_kernel_model.json", "layer_000.safetensors"]
+    assert os.path.isfile(out / "layer_000.safetensors")
+
+
 # ----------------------------------------------------------------- CLI
 def run_cli(*args):
-    return run_py("import sys; from kt_kernel.__main__ import main; sys.exit(main(sys.argv[1:]))"
-                  .replace("sys.argv[1:]", repr(list(args))))
+    """`python -m kt_kernel ...`, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
+    return subprocess.run([sys.executable, "-m", "kt_kernel", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
 
 
 def assert_one_line_error(r, *needles):

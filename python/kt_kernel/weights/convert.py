@@ -268,7 +268,7 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
                 continue
             except ValueError as e:
                 summary["reconverted"][L] = str(e)
-                prog.line(f"[convert] layer {L}: existing file fails verification ({e}); converting again",
+                prog.line(f"[convert] layer {L}: converting again, the existing file fails verification: {e}",
                           always=True)
         t0 = time.time()
         specs = _specs(L, E, H, I, scheme, group)
