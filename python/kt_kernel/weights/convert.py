@@ -16,7 +16,11 @@ Scales come first in the data region so every float32 tensor is aligned.
 Memory stays bounded: experts are read (memory-mapped), quantised and written
 one at a time per worker thread. A layer file is written as
 `*.partial` and renamed when complete and verified (CRCs re-read from disk),
-so an interrupted run resumes at the first layer without a complete file.
+so an interrupted or failed run never leaves a file under a final name that
+was not checked. A rerun resumes: each complete layer file is verified again
+(metadata and every tensor's CRC32), kept if it passes, and converted again,
+with a message naming it, if it does not. load_weights checks the CRC32 of
+every tensor it reads (verify_tensors).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, INT4_ASYM, INT4_SYM, INT8, INT8_GROUP,
                      SCHEME_NAMES, WHICH, Matrix, dequant_canonical)
-from .safetensors_io import SafetensorsFile, StreamingWriter
+from .safetensors_io import SafetensorsFile, StreamingWriter, open_regular
 
 MANIFEST = "kt_kernel_model.json"
 
@@ -58,8 +62,8 @@ def open_source(path: str):
 
             return HFCheckpoint(path)
         raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
+    if os.path.exists(path):
+        with open_regular(path) as f:  # a FIFO or device is refused here, not read
             magic = f.read(4)
         if magic == b"GGUF":
             from .gguf_input import GGUFSource
@@ -127,22 +131,63 @@ def _specs(L: int, E: int, H: int, I: int, scheme: int, group: int):
     return scales + codes
 
 
-def _crc(a: np.ndarray) -> str:
+def tensor_crc32(a: np.ndarray) -> str:
+    """The CRC32 of an array's bytes as the 8 hex digits stored in a converted file's crc32 metadata."""
     return f"{zlib.crc32(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))) & 0xffffffff:08x}"
 
 
-def verify_layer(path: str, expect: Dict[str, str]) -> None:
-    """Re-reads a written layer file and checks every tensor's CRC32 and the metadata."""
+def stored_crcs(f: SafetensorsFile) -> Dict[str, str]:
+    """The crc32 metadata of a converted file ({tensor: 8 hex digits}), with one CRC for every tensor."""
+    try:
+        crcs = json.loads(f.metadata.get("crc32", ""))
+    except ValueError:
+        crcs = None
+    if not isinstance(crcs, dict) or not all(isinstance(v, str) and len(v) == 8 for v in crcs.values()):
+        raise ValueError(f"{f.path}: corrupt metadata: the crc32 list is not a map of tensor names to CRC32s")
+    missing = [n for n in f.keys() if n not in crcs]
+    if missing:
+        raise ValueError(f"{f.path}: corrupt metadata: no CRC32 for tensor {missing[0]} "
+                         f"({len(missing)} tensors without one)")
+    extra = [n for n in crcs if n not in f.entries]
+    if extra:
+        raise ValueError(f"{f.path}: corrupt metadata: a CRC32 for tensor {extra[0]}, which the file lacks")
+    return crcs
+
+
+def verify_tensors(f: SafetensorsFile, names: Sequence[str], threads: int = 1, what=None) -> None:
+    """Checks the CRC32 of each named tensor of converted file f against its metadata; ValueError naming the
+    file and the first bad tensor (what(name), if given, describes it further, e.g. its layer and expert).
+
+    zlib.crc32 releases the GIL on large buffers, so threads > 1 checks tensors in parallel."""
+    crcs = stored_crcs(f)
+
+    def check(name: str):
+        got = tensor_crc32(f.get(name))
+        return None if got == crcs[name] else (name, got)
+
+    names = list(names)
+    if threads > 1 and len(names) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(names))) as ex:
+            bad = [r for r in ex.map(check, names) if r]
+    else:
+        bad = [r for r in map(check, names) if r]
+    if bad:
+        name, got = bad[0]
+        more = f"; {len(bad) - 1} more tensors fail too" if len(bad) > 1 else ""
+        desc = f" ({what(name)})" if what else ""
+        raise ValueError(f"{f.path}: tensor {name}{desc} fails its CRC32 check (stored {crcs[name]}, computed "
+                         f"{got}): the file is corrupt{more}; convert it again")
+
+
+def verify_layer(path: str, expect: Dict[str, str]) -> Dict[str, str]:
+    """Re-reads a layer file and checks the metadata against expect and every tensor's CRC32; returns the
+    file's metadata."""
     f = SafetensorsFile(path)
-    crcs = json.loads(f.metadata.get("crc32", "{}"))
     for k, v in expect.items():
         if f.metadata.get(k) != v:
             raise ValueError(f"{path}: metadata {k} = {f.metadata.get(k)!r}, expected {v!r}")
-    if set(crcs) != set(f.keys()):
-        raise ValueError(f"{path}: CRC list does not match the tensors")
-    for name in f.keys():
-        if _crc(f.get(name)) != crcs[name]:
-            raise ValueError(f"{path}: tensor {name} fails its CRC32 check (corrupt write)")
+    verify_tensors(f, f.keys())
+    return f.metadata
 
 
 class _Progress:
@@ -155,10 +200,12 @@ class _Progress:
             self.stream.write(f"\r[convert] layer {L} ({li + 1}/{self.total})  experts {done}/{self.experts}   ")
             self.stream.flush()
 
-    def line(self, msg: str) -> None:
-        if self.stream is not None:
-            self.stream.write(("\r" if self.tty else "") + msg + "\n")
-            self.stream.flush()
+    def line(self, msg: str, always: bool = False) -> None:
+        """always: a message the user must see (a layer converted again) even with progress=None: stderr."""
+        stream = self.stream if self.stream is not None else (sys.stderr if always else None)
+        if stream is not None:
+            stream.write(("\r" if self.tty and stream is self.stream else "") + msg + "\n")
+            stream.flush()
 
 
 def convert(input_path: str, output_dir: str, method: str, group_size: Optional[int] = None,
@@ -167,6 +214,11 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
     """Converts input_path (HF directory or GGUF file) into output_dir. Returns a summary dict."""
     from .. import PACKED_LAYOUT_VERSION
 
+    output_dir = str(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"{output_dir}: the output path exists and is not a directory")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ValueError(f"threads must be an integer >= 0 (0 = min(8, CPUs)), got {threads!r}")
     src = open_source(input_path)
     E, H, I = src.num_experts, src.hidden, src.inter
     all_layers = list(src.layers)
@@ -183,7 +235,10 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
     scheme, group = target_for(method, group_size, zero_point, H, I, natural)
     if scheme == INT8 and probe.kind == "quant" and probe.scheme == INT8_GROUP:
         scheme, group = INT8_GROUP, probe.group  # GGUF Q8_0: kept losslessly as grouped INT8
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{output_dir}: cannot create the output directory ({e.strerror})") from None
     threads = threads or min(8, os.cpu_count() or 1)
     source_desc = f"{os.path.basename(os.path.normpath(input_path))} ({src.describe()})"
     base_meta = {
@@ -193,27 +248,28 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
         "num_experts_per_tok": str(src.top_k), "source": source_desc, "mse_search": "1" if search else "0",
     }
     manifest = dict(base_meta, layers=all_layers if layers is None else todo, model_type=src.model_type)
-    with open(os.path.join(output_dir, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(os.path.join(output_dir, MANIFEST + ".tmp"), os.path.join(output_dir, MANIFEST))
+    _write_manifest(output_dir, manifest)
 
     prog = _Progress(progress, len(todo), E)
-    summary = {"scheme": SCHEME_NAMES[scheme], "group_size": group, "layers": {}, "skipped": [], "bytes_written": 0,
-               "source_bytes": 0}
+    summary = {"scheme": SCHEME_NAMES[scheme], "group_size": group, "layers": {}, "skipped": [], "reconverted": {},
+               "bytes_written": 0, "source_bytes": 0}
     t_start = time.time()
     for li, L in enumerate(todo):
         path = layer_file(output_dir, L)
         meta = dict(base_meta, layer=str(L))
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            # Resume: keep a complete file only if its metadata is what this run would write and every tensor
+            # still matches its CRC32 (a file damaged since, or converted with other settings, is written again).
             try:
-                old = SafetensorsFile(path).metadata
-                if all(old.get(k) == v for k, v in meta.items()):
-                    summary["skipped"].append(L)
-                    summary["layers"][L] = json.loads(old.get("error", "{}"))
-                    prog.line(f"[convert] layer {L}: already converted, skipped")
-                    continue
-            except ValueError:
-                pass  # unreadable: convert again
+                old = verify_layer(path, meta)
+                summary["skipped"].append(L)
+                summary["layers"][L] = json.loads(old.get("error", "{}"))
+                prog.line(f"[convert] layer {L}: already converted and verified, skipped")
+                continue
+            except ValueError as e:
+                summary["reconverted"][L] = str(e)
+                prog.line(f"[convert] layer {L}: converting again, the existing file fails verification: {e}",
+                          always=True)
         t0 = time.time()
         specs = _specs(L, E, H, I, scheme, group)
         placeholder = dict(meta, crc32=json.dumps({n: "00000000" for n, _, _ in specs}, separators=(",", ":")),
@@ -251,7 +307,7 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
                     for which, q, s, mn, exact, e2, r2, nb in out:
                         for part, arr in (("weight", q), ("scale", s), ("min", mn)):
                             if arr is not None:
-                                crcs[tensor_name(L, which, e, part)] = _crc(arr)
+                                crcs[tensor_name(L, which, e, part)] = tensor_crc32(arr)
                         err2[which] += e2
                         ref2[which] += r2
                         lossless[0] &= exact
@@ -261,11 +317,10 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
             err = {w: (float(np.sqrt(err2[w] / ref2[w])) if ref2[w] > 0 else 0.0) for w in WHICH}
             final = dict(meta, crc32=json.dumps(crcs, separators=(",", ":")), error=json.dumps(err),
                          lossless="1" if lossless[0] else "0")
-            writer.close(final)
+            writer.close(final, verify=lambda p: verify_layer(p, meta))  # renamed into place only if it verifies
         except BaseException:
             writer.abort()
             raise
-        verify_layer(path, meta)
         dt = time.time() - t0
         size = os.path.getsize(path)
         summary["layers"][L] = err
@@ -277,10 +332,21 @@ def convert(input_path: str, output_dir: str, method: str, group_size: Optional[
                      "relative RMS error gate {gate:.2e} up {up:.2e} down {down:.2e}".format(**err)))
     summary["seconds"] = time.time() - t_start
     manifest["complete"] = True
-    with open(os.path.join(output_dir, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(os.path.join(output_dir, MANIFEST + ".tmp"), os.path.join(output_dir, MANIFEST))
+    _write_manifest(output_dir, manifest)
     return summary
+
+
+def _write_manifest(output_dir: str, manifest: dict) -> None:
+    """Writes the manifest through a fresh temporary file and a rename (never through whatever sits at the
+    temporary name: opening a FIFO there for writing would block)."""
+    tmp = os.path.join(output_dir, MANIFEST + ".tmp")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(output_dir, MANIFEST))
 
 
 def parse_layers(spec: Optional[str]) -> Optional[List[int]]:
@@ -290,14 +356,19 @@ def parse_layers(spec: Optional[str]) -> Optional[List[int]]:
     out: List[int] = []
     for part in spec.split(","):
         part = part.strip()
-        if "-" in part:
-            a, b = part.split("-", 1)
-            a, b = int(a), int(b)
-            if b < a:
-                raise ValueError(f"--layers: empty range {part}")
-            out.extend(range(a, b + 1))
-        elif part:
-            out.append(int(part))
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                a, b = int(a), int(b)
+                if b < a:
+                    raise ValueError(f"--layers: empty range {part}")
+                out.extend(range(a, b + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError as e:
+            if str(e).startswith("--layers"):
+                raise
+            raise ValueError(f"--layers: {spec!r} is not a layer list like 3-10 or 1,4,7-8") from None
     return out
 
 
@@ -320,11 +391,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="worker threads (default: min(8, CPUs))")
     a = p.parse_args(list(argv) if argv is not None else None)
     try:
+        if a.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0 = min(8, CPUs)), got {a.threads}")
         s = convert(a.input, a.output, a.method, a.group_size, parse_layers(a.layers), a.threads, a.zero_point,
                     not a.no_search)
-    except (ValueError, ImportError) as e:
-        print(f"kt-kernel convert: error: {e}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as e:  # bad input, missing package, I/O: one line, no traceback
+        print("kt-kernel convert: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kt-kernel convert: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
     mb = s["bytes_written"] / 2**20
     print(f"[convert] done: {len(s['layers'])} layers ({len(s['skipped'])} already present), {mb:.1f} MiB written "
           f"in {s['seconds']:.1f} s -> {a.output}", file=sys.stderr)

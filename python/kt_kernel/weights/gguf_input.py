@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from .common import INT4_ASYM, INT4_SYM, INT8_GROUP, Matrix
+from .safetensors_io import open_regular
 
 _NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 
@@ -72,12 +73,12 @@ def check_gguf_layout(path: str) -> None:
     import struct
 
     gguf = _gguf()
-    size = os.path.getsize(path)
 
     def bad(msg):
         return ValueError(f"{path}: not a valid GGUF file: {msg}")
 
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # refuses a FIFO or device (reading one could block forever)
+        size = os.fstat(f.fileno()).st_size
         head = f.read(min(size, 64 << 20))  # the metadata section of real files is far smaller
     pos = 0
 
@@ -165,9 +166,9 @@ class GGUFSource:
     def __init__(self, path: str):
         gguf = _gguf()
         self.path = str(path)
-        if not os.path.isfile(self.path):
+        if not os.path.lexists(self.path):
             raise ValueError(f"{self.path}: no such GGUF file")
-        check_gguf_layout(self.path)
+        check_gguf_layout(self.path)  # also refuses anything but a regular file
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # the gguf parser raises many kinds on corrupt input

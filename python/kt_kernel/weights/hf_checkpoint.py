@@ -14,7 +14,9 @@ with P one of "", "model.", "language_model.model.", "model.language_model.". Pe
     int32 words' little-endian bytes are then exactly our canonical nibble
     pairs, low nibble = even k; value = scale * (code - 8)).
 The MoE shape (E, H, I, top-k) is read from config.json (or its text_config)
-and checked against the tensors.
+and checked against the tensors. Every error about a tensor is a ValueError
+naming the shard file and the tensor (a missing one by the name it should
+have); files are opened only if they are regular files (open_regular).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .common import FP8, INT4_SYM, Matrix, dequant_fp8_block, fp8_block_scales_per_row
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, open_regular
 
 _KEY = re.compile(
     r"^(?P<prefix>(?:model\.|language_model\.model\.|model\.language_model\.)?)layers\.(?P<L>\d+)\."
@@ -113,7 +115,7 @@ class HFCheckpoint:
         self.path = str(path)
         cfg_path = os.path.join(self.path, "config.json")
         try:
-            with open(cfg_path, "rb") as f:
+            with open_regular(cfg_path) as f:
                 self.config = parse_config(f.read(), cfg_path)
         except OSError as e:
             raise ValueError(f"{cfg_path}: cannot read ({e.strerror})") from None
@@ -131,9 +133,9 @@ class HFCheckpoint:
     # ------------------------------------------------------------ the index
     def _weight_map(self) -> Dict[str, str]:
         idx = os.path.join(self.path, "model.safetensors.index.json")
-        if os.path.exists(idx):
+        if os.path.lexists(idx):
             try:
-                with open(idx, "rb") as f:
+                with open_regular(idx) as f:
                     raw = f.read()
             except OSError as e:
                 raise ValueError(f"{idx}: cannot read ({e.strerror})") from None
@@ -176,18 +178,43 @@ class HFCheckpoint:
             raise ValueError(f"{self.path}: no routed-expert tensors found (looked for "
                              "model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.* and the Mixtral/fused names)")
 
+    def _at(self, key: str) -> str:
+        """'<shard file>: tensor <key>', the prefix of every message about one tensor."""
+        return f"{os.path.join(self.path, self.weight_map.get(key, '?'))}: tensor {key}"
+
     def tensor(self, key: str) -> Tuple[np.ndarray, str]:
         f = self._file(self.weight_map[key])
+        if key not in f:
+            raise ValueError(f"{self._at(key)} is missing: model.safetensors.index.json puts it in this shard, "
+                             "which does not hold it")
         return f.get(key), f.entry(key).dtype
+
+    def _expected_name(self, L: int, e: int, which: str) -> str:
+        """The tensor name a missing expert matrix would have, following the names of the layer's other experts."""
+        for mats in self.per_expert.get(L, {}).values():
+            for names in mats.values():
+                m = _KEY.match(next(iter(names.values())))
+                mixtral = m.group("proj") in ("w1", "w2", "w3")
+                proj = {"gate": "w1", "up": "w3", "down": "w2"}[which] if mixtral else f"{which}_proj"
+                suffix = "weight_packed" if "weight_packed" in names else "weight"
+                return f"{m.group('prefix')}layers.{L}.{m.group('block')}.experts.{e}.{proj}.{suffix}"
+        return f"layers.{L}.mlp.experts.{e}.{which}_proj.weight"
+
+    def _shard_of_layer(self, L: int) -> str:
+        """A shard file holding some of layer L's experts (for messages about tensors that are not there)."""
+        keys = [k for mats in self.per_expert.get(L, {}).values() for names in mats.values() for k in names.values()]
+        keys += list(self.fused.get(L, {}).values())
+        return os.path.join(self.path, self.weight_map[keys[0]]) if keys else self.path
 
     def describe(self) -> str:
         L = self.layers[0]
         if L in self.per_expert:
-            names = self.per_expert[L][min(self.per_expert[L])]["gate"]
+            names = self.per_expert[L][min(self.per_expert[L])].get("gate", {})
             if "weight_packed" in names:
                 return "hf:compressed-tensors-int4"
-            return "hf:" + self.tensor(names["weight"])[1].lower()
-        return "hf:fused:" + self.tensor(self.fused[L]["gate_up_proj"])[1].lower()
+            return "hf:" + (self.tensor(names["weight"])[1].lower() if "weight" in names else "?")
+        key = self.fused[L].get("gate_up_proj")
+        return "hf:fused:" + (self.tensor(key)[1].lower() if key else "?")
 
     # ------------------------------------------------------------ matrices
     def matrix(self, L: int, e: int, which: str) -> Matrix:
@@ -195,7 +222,8 @@ class HFCheckpoint:
         if L in self.per_expert:
             names = self.per_expert[L].get(e, {}).get(which)
             if not names:
-                raise ValueError(f"{self.path}: layer {L} expert {e} has no {which} projection")
+                raise ValueError(f"{self._shard_of_layer(L)}: tensor {self._expected_name(L, e, which)} is missing "
+                                 f"(layer {L} expert {e} has no {which} projection in {self.path})")
             return self._per_expert_matrix(names, rows, cols, f"layer {L} expert {e} {which}")
         if L in self.fused:
             return self._fused_matrix(L, e, which, rows, cols)
@@ -203,86 +231,96 @@ class HFCheckpoint:
 
     def _check(self, a: np.ndarray, shape, what: str, key: str) -> None:
         if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{self.path}: {key} ({what}) has shape {tuple(a.shape)}, expected {tuple(shape)} "
+            raise ValueError(f"{self._at(key)} ({what}) has shape {tuple(a.shape)}, expected {tuple(shape)} "
                              f"from config.json (E={self.num_experts}, H={self.hidden}, I={self.inter})")
 
     def _per_expert_matrix(self, names: Dict[str, str], rows: int, cols: int, what: str) -> Matrix:
         if "weight_packed" in names:
             if "weight_zero_point" in names:
-                raise ValueError(f"{self.path}: {what}: asymmetric compressed-tensors int4 (weight_zero_point) "
+                raise ValueError(f"{self._at(names['weight_zero_point'])} ({what}): asymmetric compressed-tensors "
+                                 "int4 (weight_zero_point) "
                                  "is not supported")
             packed, dt = self.tensor(names["weight_packed"])
             if dt not in ("I32", "U32"):
-                raise ValueError(f"{self.path}: {names['weight_packed']} must be int32, got {dt}")
+                raise ValueError(f"{self._at(names['weight_packed'])} must be int32, got {dt}")
             self._check(packed, (rows, cols // 8), what, names["weight_packed"])
             if "weight_scale" not in names:
-                raise ValueError(f"{self.path}: {what}: weight_packed without weight_scale")
+                raise ValueError(f"{self._at(names['weight_packed'])} ({what}): weight_packed without weight_scale")
             sc, sdt = self.tensor(names["weight_scale"])
             scales = self._to_f32(sc, sdt, names["weight_scale"])
             if scales.ndim != 2 or scales.shape[0] != rows or scales.shape[1] == 0 or cols % scales.shape[1]:
-                raise ValueError(f"{self.path}: {names['weight_scale']} has shape {tuple(scales.shape)}, "
+                raise ValueError(f"{self._at(names['weight_scale'])} has shape {tuple(scales.shape)}, "
                                  f"which is no grouping of [{rows}, {cols}]")
             group = cols // scales.shape[1]
             q = np.ascontiguousarray(packed).view(np.uint8).reshape(rows, cols // 2)
             return Matrix("quant", rows, cols, scheme=INT4_SYM, group=group, q=q,
                           scales=np.ascontiguousarray(scales))
         if "weight" not in names:
-            raise ValueError(f"{self.path}: {what}: no weight tensor")
+            key = next(iter(names.values()))  # a sibling (e.g. weight_scale_inv): its shard is the likely one
+            raise ValueError(f"{os.path.join(self.path, self.weight_map[key])}: tensor {key.rsplit('.', 1)[0]}.weight "
+                             f"is missing ({what}: no weight tensor)")
         w, dt = self.tensor(names["weight"])
         self._check(w, (rows, cols), what, names["weight"])
         if dt == "F8_E4M3":
             if "weight_scale_inv" not in names:
-                raise ValueError(f"{self.path}: {what}: FP8 weight without weight_scale_inv")
+                raise ValueError(f"{self._at(names['weight'])} ({what}): FP8 weight without weight_scale_inv")
             s, sdt = self.tensor(names["weight_scale_inv"])
             bk = self.fp8_block[1]
             if bk in (32, 64, 128) and cols % bk == 0:  # the FP8 block scheme's form: codes + per-row scales, lossless
                 scales = fp8_block_scales_per_row(self._to_f32(s, sdt, names["weight_scale_inv"]), rows, cols,
-                                                  self.fp8_block, f"{self.path}: {names['weight_scale_inv']}")
+                                                  self.fp8_block, self._at(names['weight_scale_inv']))
                 return Matrix("quant", rows, cols, scheme=FP8, group=bk, q=np.ascontiguousarray(w).view(np.uint8),
                               scales=scales)
             vals = dequant_fp8_block(w, self._to_f32(s, sdt, names["weight_scale_inv"]), self.fp8_block,
-                                     f"{self.path}: {names['weight_scale_inv']}")
+                                     self._at(names['weight_scale_inv']))
             return Matrix("dense", rows, cols, values=vals)
         if dt == "BF16":
             return Matrix("dense", rows, cols, values=w, bf16=True)
         if dt in ("F16", "F32", "F64"):
             return Matrix("dense", rows, cols, values=w)
-        raise ValueError(f"{self.path}: {names['weight']} has unsupported dtype {dt}")
+        raise ValueError(f"{self._at(names['weight'])} ({what}) has unsupported dtype {dt} (expert weights are "
+                         "BF16, F16, F32, F64 or F8_E4M3, or int32 weight_packed)")
 
     def _to_f32(self, a: np.ndarray, dt: str, key: str) -> np.ndarray:
         if dt == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         if dt in ("F16", "F32", "F64"):
             return a.astype(np.float32)
-        raise ValueError(f"{self.path}: {key} has unsupported scale dtype {dt}")
+        raise ValueError(f"{self._at(key)} has unsupported scale dtype {dt}")
 
     def _fused_matrix(self, L: int, e: int, which: str, rows: int, cols: int) -> Matrix:
         names = self.fused[L]
         for k in names:
             if k.endswith("_blocks") or k.endswith("_scales"):
-                raise ValueError(f"{self.path}: layer {L}: MXFP4 expert blocks are not supported; "
+                raise ValueError(f"{self._at(names[k])}: layer {L}: MXFP4 expert blocks are not supported; "
                                  "use a bf16 checkpoint")
             if k.endswith("_bias"):
                 b, _ = self.tensor(names[k])
                 if np.any(b != 0):
-                    raise ValueError(f"{self.path}: layer {L}: expert biases ({k}) are not supported by kt_kernel")
+                    raise ValueError(f"{self._at(names[k])}: layer {L}: expert biases are not supported by kt_kernel")
         E, H, I = self.num_experts, self.hidden, self.inter
+        for part in ("gate_up_proj", "down_proj"):
+            if part not in names:
+                other = next(iter(names.values()))
+                want = f"{other[:other.rindex('.experts.')]}.experts.{part}"
+                raise ValueError(f"{self._shard_of_layer(L)}: tensor {want} is missing (layer {L} has fused experts "
+                                 f"without {part})")
         if which == "down":
             d, dt = self.tensor(names["down_proj"])
             self._check(d, (E, I, H), f"layer {L} fused down", names["down_proj"])
-            return self._dense(d[e].T, dt, rows, cols)
+            return self._dense(d[e].T, dt, rows, cols, names["down_proj"])
         gu, dt = self.tensor(names["gate_up_proj"])
         self._check(gu, (E, H, 2 * I), f"layer {L} fused gate_up", names["gate_up_proj"])
         if self.model_type == "gpt_oss":  # interleaved columns: gate 0::2, up 1::2
             part = gu[e][:, 0::2] if which == "gate" else gu[e][:, 1::2]
         else:
             part = gu[e][:, :I] if which == "gate" else gu[e][:, I:]
-        return self._dense(part.T, dt, rows, cols)
+        return self._dense(part.T, dt, rows, cols, names["gate_up_proj"])
 
-    def _dense(self, a: np.ndarray, dt: str, rows: int, cols: int) -> Matrix:
+    def _dense(self, a: np.ndarray, dt: str, rows: int, cols: int, key: str) -> Matrix:
+        if dt not in ("BF16", "F16", "F32", "F64"):
+            raise ValueError(f"{self._at(key)}: fused experts of dtype {dt} are not supported (BF16, F16, F32, F64)")
         a = np.ascontiguousarray(a)
         if dt == "BF16":
             return Matrix("dense", rows, cols, values=a, bf16=True)
-        if dt in ("F16", "F32", "F64"):
-            return Matrix("dense", rows, cols, values=a)
-        raise ValueError(f"{self.path}: fused experts of dtype {dt} are not supported")
+        return Matrix("dense", rows, cols, values=a)

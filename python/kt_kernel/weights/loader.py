@@ -4,7 +4,12 @@ The wrapper's method and weight_path decide:
   * a directory of converted files (kt_kernel_model.json / layer_*.safetensors):
     the canonical codes are packed per NUMA slice (a lossless shuffle) from a
     memory map, after checking the header against the wrapper (format and
-    layout version, shapes, scheme, group size);
+    layout version, shapes, scheme, group size) and the CRC32 of every tensor
+    it reads (a corrupt file raises ValueError naming the file, the tensor,
+    its layer and expert). All checks run before the layer is touched.
+    KT_KERNEL_SKIP_CRC=1 in the environment skips the CRC32 check (only the
+    CRC; every other check stays; a UserWarning names the file) for callers
+    who verify files another way;
   * a Hugging Face directory or a GGUF file ("native" methods, no
     conversion): BF16 from bf16/fp16/fp32 weights; FP8 e4m3 block-scaled
     weights losslessly as e4m3 codes + per-row group scales (the FP8 block
@@ -17,14 +22,22 @@ physical_to_logical_map picks which logical expert each slot holds.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional
 
 import numpy as np
 
 from .common import (BF16, CONVERTED_FORMAT, CONVERTED_FORMAT_VERSION, FP8, INT4_ASYM, INT4_SYM, INT8, INT8_GROUP,
                      SCHEME_BY_NAME, SCHEME_NAMES, WHICH)
-from .convert import MANIFEST, layer_file, open_source, tensor_name
+from .convert import MANIFEST, layer_file, open_source, tensor_name, verify_tensors
 from .safetensors_io import SafetensorsFile
+
+# Environment switch for the one check load_weights can skip (see the module docstring).
+SKIP_CRC_ENV = "KT_KERNEL_SKIP_CRC"
+
+
+def crc_check_enabled() -> bool:
+    return os.environ.get(SKIP_CRC_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 _DENSE_CODES = {np.dtype("float32"): 0, np.dtype("float16"): 1}
 
@@ -50,6 +63,16 @@ class ConvertedLayer:
         self.path, self.layer = path, layer
         self.file = SafetensorsFile(path)
         self.meta = self.file.metadata
+        self.read: list = []  # names of the tensors matrices() handed out, for verify_read
+
+    def verify_read(self, threads: int) -> None:
+        """CRC32 of every tensor matrices() returned so far (ValueError naming file, tensor, layer, expert)."""
+        def what(name: str) -> str:
+            _, rest = name.split(".ffn_", 1)
+            which, e, part = rest.split(".")
+            return f"layer {self.layer}, expert {e}, {which.replace('_exps', '')} {part}"
+
+        verify_tensors(self.file, self.read, threads, what)
 
     def check_against(self, wrapper, group_default: bool):
         from .. import PACKED_LAYOUT_VERSION
@@ -105,6 +128,7 @@ class ConvertedLayer:
                 if ent.dtype != dt or tuple(ent.shape) != shape:
                     raise ValueError(f"{self.path}: tensor {name} is {ent.dtype} {list(ent.shape)}, expected {dt} "
                                      f"{list(shape)}")
+                self.read.append(name)
                 arrs[part] = self.file.get(name)
             out.append(arrs)
         return out
@@ -142,17 +166,22 @@ def load_into(wrapper, physical_to_logical_map: Any = None) -> None:
     if is_converted_dir(path):
         layer = ConvertedLayer(path, L)
         group, num_logical = layer.check_against(wrapper, getattr(wrapper, "_group_size_default", False))
-        file_scheme = SCHEME_BY_NAME[layer.meta["scheme"]]
+        file_scheme = SCHEME_BY_NAME[layer.meta["scheme"]]  # the wrapper's, or the INT8 form it adopts below
+        logical, mask = _slot_plan(wrapper, physical_to_logical_map, num_logical)
+        # Every tensor this load reads is found, shape-checked and CRC-checked before the layer is touched
+        # (rebuilt or allocated), so a bad file leaves the layer as it was. GPU experts are neither read nor checked.
+        plan = [(s, layer.matrices(int(logical[s]), file_scheme, group, H, I))
+                for s in range(wrapper.num_experts) if not mask[s]]
+        if crc_check_enabled():
+            layer.verify_read(max(1, int(getattr(wrapper, "cpuinfer_threads", 1) or 1)))
+        else:
+            warnings.warn(f"{SKIP_CRC_ENV} is set: the CRC32s of {layer.path} were not checked", stacklevel=3)
         if wrapper.scheme in (INT8, INT8_GROUP) and (file_scheme, group) != (wrapper.scheme, wrapper.group_size):
             wrapper._rebuild_layer(group, file_scheme)  # INT8 wrappers adopt the file's per-channel / grouped INT8
         elif wrapper.scheme in (INT4_SYM, INT4_ASYM) and group != wrapper.group_size:
             wrapper._rebuild_layer(group)
-        logical, mask = _slot_plan(wrapper, physical_to_logical_map, num_logical)
         wrapper._layer.allocate()
-        for s in range(wrapper.num_experts):
-            if mask[s]:
-                continue
-            mats = layer.matrices(int(logical[s]), wrapper.scheme, group, H, I)
+        for s, mats in plan:
             refs = []
             for a in mats:
                 sc, mn = a.get("scale"), a.get("min")

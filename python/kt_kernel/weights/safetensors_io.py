@@ -7,7 +7,13 @@ N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]},
 the data region. Every entry is checked against the file size before any
 byte is read (a truncated or corrupt file raises ValueError naming the file
 and the tensor, never crashes), and tensors are numpy views of one
-read-only memory map.
+read-only memory map. As in the reference implementation, the tensors must
+tile the data region exactly (no overlap, no hole, nothing after the last),
+so a CRC over the tensors covers every data byte.
+
+Weight files are opened with open_regular: a FIFO, socket or device where a
+file should be is refused instead of blocking the process in open() or
+read() forever.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+import stat
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -43,6 +50,34 @@ NUMPY_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): 
                np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8", np.dtype("?"): "BOOL"}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+def open_regular(path: str):
+    """Opens path for binary reading if it is a regular file (symlinks followed); ValueError otherwise.
+
+    O_NONBLOCK makes open() return at once on a FIFO with no writer (it would
+    block forever otherwise); the type is then read from the open descriptor,
+    so nothing can be swapped in between the check and the read. The flag is
+    cleared again (it means nothing for regular files, but a reader expects a
+    blocking descriptor).
+    """
+    path = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "another kind of file")
+            raise ValueError(f"{path}: not a regular file ({kind}); weight files must be regular files")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class TensorEntry:
@@ -105,7 +140,9 @@ def parse_header(blob: bytes, file_size: int, path: str = "<buffer>") -> Tuple[D
         count = 1
         for d in shape:
             count *= d
-        if not (0 <= b <= e <= data_size):
+        if not 0 <= b <= e:
+            raise bad(f"tensor {name!r}: data_offsets [{b}, {e}] must satisfy 0 <= begin <= end")
+        if e > data_size:
             raise bad(f"tensor {name!r}: data_offsets [{b}, {e}] are outside the data region of {data_size} bytes "
                       "(truncated file?)")
         if e - b != count * DTYPES[dt][1]:
@@ -115,7 +152,15 @@ def parse_header(blob: bytes, file_size: int, path: str = "<buffer>") -> Tuple[D
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise bad(f"tensors {n0!r} and {n1!r} overlap")
+            raise bad(f"tensors {n0!r} and {n1!r} overlap (data_offsets [{b0}, {e0}] and [{b1}, {e1}])")
+    # Tensors must tile the data region: bytes outside every tensor would escape any per-tensor check.
+    end = 0
+    for b, e, name in spans:
+        if b != end:
+            raise bad(f"data region bytes [{end}, {b}) are not covered by any tensor (next: {name!r})")
+        end = e
+    if end != data_size:
+        raise bad(f"data region bytes [{end}, {data_size}) after the last tensor are not covered by any tensor")
     return entries, dict(meta_raw), data_start
 
 
@@ -124,11 +169,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = str(path)
-        try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise ValueError(f"{self.path}: cannot open ({e.strerror})") from None
-        with f:
+        with open_regular(self.path) as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(8)
             n = int.from_bytes(first, "little") if len(first) == 8 else 0
@@ -167,8 +208,9 @@ class StreamingWriter:
     The header (with room reserved for metadata filled in at the end) is
     written first; `write(name, array)` puts each tensor at its offset; `close`
     rewrites the header with the final metadata. The file is written as
-    `path + ".partial"` and renamed on close, so a complete file name always
-    means a complete file.
+    `path + ".partial"` and renamed on close only after `verify` (if given)
+    accepted what is on disk, so a complete file name always means a complete,
+    checked file; `abort`, and a failed verification, remove the partial file.
     """
 
     def __init__(self, path: str, specs: Iterable[Tuple[str, str, Tuple[int, ...]]], metadata: Dict[str, str],
@@ -186,10 +228,19 @@ class StreamingWriter:
         head = self._header(metadata, pad_to=None)
         self.header_len = len(head) + reserve
         self.header_len += (-self.header_len) % 8
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, 8 + self.header_len + self.data_size)
-        self._write_header(metadata)
+        self.fd = -1
+        try:  # whatever an interrupted run (or anyone) left there, a fresh regular file replaces it
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         self.written = set()
+        try:
+            os.ftruncate(self.fd, 8 + self.header_len + self.data_size)
+            self._write_header(metadata)
+        except BaseException:
+            self.abort()
+            raise
 
     def _header(self, metadata: Dict[str, str], pad_to: Optional[int]) -> bytes:
         h = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
@@ -218,20 +269,33 @@ class StreamingWriter:
             done += os.pwrite(self.fd, mv[done:], pos + done)
         self.written.add(name)
 
-    def close(self, metadata: Dict[str, str]) -> None:
-        missing = [n for n in self.specs if n not in self.written]
-        if missing:
-            raise ValueError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
-        self._write_header(metadata)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.tmp, self.path)
+    def close(self, metadata: Dict[str, str], verify: Optional[Callable[[str], None]] = None) -> None:
+        """Writes the final header, flushes to disk, runs verify(partial_path) (which raises on a bad file),
+        then renames the file into place. On any error the partial file is removed and the error raised."""
+        try:
+            missing = [n for n in self.specs if n not in self.written]
+            if missing:
+                raise ValueError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
+            self._write_header(metadata)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            if verify is not None:
+                verify(self.tmp)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
+        """Closes and removes the partial file (safe to call more than once)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 def read_metadata(path: str) -> Dict[str, str]:
