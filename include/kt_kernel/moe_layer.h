@@ -21,6 +21,17 @@ namespace kt {
 
 class ThreadPool;
 
+// The largest layer the MoeLayer constructor accepts, checked before any size
+// arithmetic (a dimension near 2^32 would wrap the uint32 padding and slice
+// sums to a zero-sized layer). Far above any released model (at most a few
+// hundred routed experts, top-k at most a few dozen, one expert matrix at most
+// ~2^28 weights), and small enough that every padded width, byte count and
+// 32-bit element index of one expert matrix stays exact: 2^30 weights of 2
+// bytes plus their scales fit in uint32 byte counts.
+constexpr uint32_t kMaxExperts = 1u << 16;
+constexpr uint32_t kMaxTopK = kMaxExperts;
+constexpr uint64_t kMaxMatrixElements = uint64_t(1) << 30;  // hidden x intermediate
+
 struct MoeConfig {
   uint32_t num_experts = 0;   // expert slots that ids index
   uint32_t top_k = 0;
@@ -59,9 +70,10 @@ struct MoeForwardArgs {
 
 class MoeLayer {
  public:
-  // The layer is split into pool.num_subpools() slices of the intermediate
-  // dimension, each packed in the memory of its sub-pool's threads.
-  // Throws std::invalid_argument for an invalid configuration.
+  // The layer is split into at most pool.num_subpools() slices of the
+  // intermediate dimension, each packed in the memory of its sub-pool's
+  // threads. Throws std::invalid_argument for an invalid configuration (the
+  // message names the argument), limits above included.
   MoeLayer(const MoeConfig& cfg, ThreadPool& pool);
   ~MoeLayer();
 
@@ -115,7 +127,12 @@ class MoeLayer {
   void set_capture(bool on);
   const std::vector<float>& captured_intermediate() const { return capture_; }
 
-  // Column range [begin, end) of the intermediate dimension owned by slice s.
+  // Slices of the intermediate dimension: one per sub-pool, but never one
+  // without columns (slices start on multiples of 128 columns, so a narrow
+  // layer has fewer slices than sub-pools; slice s runs on sub-pool s).
+  int num_slices() const { return int(slices_.size()); }
+  // Column range [begin, end) of the intermediate dimension owned by slice s
+  // (std::out_of_range unless 0 <= s < num_slices()).
   std::pair<uint32_t, uint32_t> slice_range(int s) const;
 
  private:
@@ -125,6 +142,9 @@ class MoeLayer {
   template <typename Fn>
   void pack_expert_tasks(uint32_t slot, Fn&& fn);
   void forward_pass(const MoeForwardArgs& args, size_t t0, size_t tokens, const KernelTable& kt);
+  // Zeros, one per sub-pool: the task counts of parallel_for_subpools, which
+  // reads one for every sub-pool, slice or not.
+  std::vector<size_t> subpool_counts() const;
 
   MoeConfig cfg_;
   ThreadPool& pool_;

@@ -141,10 +141,11 @@ struct PackedGeometry {
 // group_size 0 means one group per row (per channel; not for kInt8Group or
 // kFP8Block, which need 32, 64 or 128). Returns false (and leaves *g untouched) when
 // the combination is invalid: group not a multiple of 32 or not dividing
-// cols, or zero-sized matrix.
+// cols, zero-sized matrix, or one whose padded sizes do not fit 32 bits.
 static inline bool packed_geometry(QuantScheme s, uint32_t rows, uint32_t cols, uint32_t group_size,
                                    PackedGeometry* g) {
   if (rows == 0 || cols == 0) return false;
+  if (round_up(rows, kRowBlock) > UINT32_MAX || round_up(cols, kColPad) > UINT32_MAX) return false;
   PackedGeometry r;
   r.rows = rows;
   r.cols = cols;

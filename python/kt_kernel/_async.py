@@ -71,7 +71,7 @@ def _prepare(wr, hidden_states: Any, topk_ids: Any, topk_weights: Any, cuda_stre
     if isinstance(cuda_stream, bool) or not isinstance(cuda_stream, (int, np.integer)) or cuda_stream < 0:
         raise TypeError(f"cuda_stream: expected a non-negative int (a cudaStream_t handle), got {cuda_stream!r}")
     if cuda_stream >= 1 << 64:
-        raise ValueError(f"cuda_stream: {cuda_stream} is not a cudaStream_t handle (more than 64 bits)")
+        raise ValueError(f"cuda_stream: {cuda_stream} does not fit a 64-bit cudaStream_t handle")
     H, k = wr.hidden_size, wr.num_experts_per_tok
     x = describe(hidden_states, "hidden_states", dtypes=_FLOAT_DTYPES, ndim=2, shape=(None, H), allow_cuda=True)
     T = x.shape[0]

@@ -39,12 +39,87 @@ DEFAULT_INT4_GROUP = 128
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+_INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
+    """value as a Python int in [minimum, maximum]. Python ints and NumPy integers are accepted; bool (an int
+    subclass) and floats are not, so that True or 64.0 never pass for a size."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-    return int(value)
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: must be <= {maximum}, got {value}")
+    return value
+
+
+def _check_real(name: str, value: Any) -> float:
+    """A finite float >= 0 that float32 holds (the native activation parameters are float32)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    v = float(value)
+    if not (0.0 <= v <= float(np.finfo(np.float32).max)):  # False for NaN and inf too
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return v
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    """bool or NumPy bool, or the ints 0 and 1; a str such as "False" is refused rather than read as True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+_nodes_with_cpus: Optional[List[int]] = None
+
+
+def _available_numa_nodes() -> List[int]:
+    """NUMA nodes with CPUs this process may use (the machine does not change under a running process)."""
+    global _nodes_with_cpus
+    if _nodes_with_cpus is None:
+        _nodes_with_cpus = sorted(n["node"] for n in _kt_kernel.cpu_info()["numa_nodes"] if n["cpus"])
+    return _nodes_with_cpus
+
+
+def _check_numa_nodes(numa_nodes: Any, pools: int) -> List[int]:
+    """One existing NUMA node per sub-pool. None: the nodes with CPUs, in turn (threadpool_count=2 on a
+    one-node machine gives two sub-pools on node 0: the same result, the intermediate split in two)."""
+    available = _available_numa_nodes()
+    if numa_nodes is None:
+        return [available[i % len(available)] for i in range(pools)]
+    if isinstance(numa_nodes, (str, bytes)) or not hasattr(numa_nodes, "__iter__"):
+        raise TypeError(f"numa_nodes: expected a list of ints, got {type(numa_nodes).__name__}")
+    nodes = [_check_int(f"numa_nodes[{i}]", n, 0, _INT32_MAX) for i, n in enumerate(list(numa_nodes))]
+    if len(nodes) != pools:
+        raise ValueError(f"numa_nodes has {len(nodes)} entries, threadpool_count is {pools}")
+    for i, n in enumerate(nodes):
+        if n not in available:
+            raise ValueError(f"numa_nodes[{i}] = {n}: no such NUMA node with CPUs this process may use "
+                             f"(available: {', '.join(map(str, available))})")
+    return nodes
+
+
+_torch_missing = False
+
+
+def _import_torch():
+    """torch, imported now if it is installed and not yet imported (a server may import it after creating
+    the wrappers, and its mask code needs a tensor); None where it cannot be imported."""
+    global _torch_missing
+    torch = torch_module()
+    if torch is not None or _torch_missing:
+        return torch
+    try:
+        import torch  # noqa: F811 (lazily: `import kt_kernel` never imports torch)
+    except ImportError:
+        _torch_missing = True
+        return None
+    return torch
 
 
 def _scheme_for(method: str, group_size: Optional[int], zero_point: bool, hidden: int, inter: int):
@@ -76,7 +151,7 @@ def _scheme_for(method: str, group_size: Optional[int], zero_point: bool, hidden
                     f"method {method}: the default group size {group} does not divide hidden_size={hidden} and "
                     f"moe_intermediate_size={inter}; pass group_size=32 or 64, or group_size=0 for per-channel scales")
         else:
-            group = _check_int("group_size", group_size, 0)
+            group = _check_int("group_size", group_size, 0, _UINT32_MAX)
         return (SCHEME_INT4_ASYM if zero_point else SCHEME_INT4_SYM), group
     if method in _UPSTREAM_METHODS:
         raise ValueError(f"method '{method}' is not supported by this build of kt_kernel yet "
@@ -151,34 +226,42 @@ class KTMoEWrapper:
     def _init(self, layer_idx, num_experts, top_k, hidden, inter, gpu_experts_mask, cpuinfer_threads,
               threadpool_count, weight_path, chunked_prefill_size, cpu_save, max_deferred, method,
               num_gpu_experts, numa_nodes, group_size, zero_point, swiglu_limit, swiglu_alpha):
-        self.layer_idx = _check_int("layer_idx", layer_idx, 0)
-        self.num_experts = _check_int("num_experts", num_experts, 1)
-        self.num_experts_per_tok = _check_int("num_experts_per_tok", top_k, 1)
-        self.hidden_size = _check_int("hidden_size", hidden, 1)
-        self.moe_intermediate_size = _check_int("moe_intermediate_size", inter, 1)
-        self.chunked_prefill_size = _check_int("chunked_prefill_size", chunked_prefill_size, 1)
-        threads = ((os.cpu_count() or 1) if cpuinfer_threads is None
-                   else _check_int("cpuinfer_threads", cpuinfer_threads, 1))
+        # Every integer is range-checked here, before anything is sized by it, against the native
+        # types and the layer's limits (moe_layer.h), so that the error names the argument.
+        lim = _kt_kernel.LIMITS
+        self.layer_idx = _check_int("layer_idx", layer_idx, 0, _INT32_MAX)
+        self.num_experts = _check_int("num_experts", num_experts, 1, lim["max_experts"])
+        self.num_experts_per_tok = _check_int("num_experts_per_tok", top_k, 1, lim["max_top_k"])
+        top_k = self.num_experts_per_tok
+        self.hidden_size = _check_int("hidden_size", hidden, 1, lim["max_matrix_elements"])
+        self.moe_intermediate_size = _check_int("moe_intermediate_size", inter, 1, lim["max_matrix_elements"])
+        if self.hidden_size * self.moe_intermediate_size > lim["max_matrix_elements"]:
+            raise ValueError(f"hidden_size x moe_intermediate_size must be at most {lim['max_matrix_elements']} "
+                             f"weights per expert matrix, got {self.hidden_size} x {self.moe_intermediate_size}")
+        self.chunked_prefill_size = _check_int("chunked_prefill_size", chunked_prefill_size, 1, _INT32_MAX)
+        threads = (min(os.cpu_count() or 1, lim["max_threads"]) if cpuinfer_threads is None
+                   else _check_int("cpuinfer_threads", cpuinfer_threads, 1, lim["max_threads"]))
         pools = _check_int("threadpool_count", threadpool_count, 1)
-        if numa_nodes is None:
-            numa_nodes = list(range(pools))
-        numa_nodes = [_check_int("numa_nodes[]", n, 0) for n in numa_nodes]
-        if len(numa_nodes) != pools:
-            raise ValueError(f"numa_nodes has {len(numa_nodes)} entries, threadpool_count is {pools}")
         if pools > threads:
             raise ValueError(f"threadpool_count ({pools}) exceeds cpuinfer_threads ({threads})")
-        if max_deferred is not None and _check_int("max_deferred_experts_per_token", max_deferred, 0) > top_k:
-            raise ValueError(f"max_deferred_experts_per_token ({max_deferred}) exceeds num_experts_per_tok ({top_k})")
-        for name, v in (("swiglu_limit", swiglu_limit), ("swiglu_alpha", swiglu_alpha)):
-            if not isinstance(v, (int, float)) or v != v or v < 0:
-                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+        numa_nodes = _check_numa_nodes(numa_nodes, pools)
+        if max_deferred is not None:
+            max_deferred = _check_int("max_deferred_experts_per_token", max_deferred, 0)
+            if max_deferred > top_k:
+                raise ValueError(f"max_deferred_experts_per_token ({max_deferred}) exceeds num_experts_per_tok "
+                                 f"({top_k})")
+        swiglu_limit = _check_real("swiglu_limit", swiglu_limit)
+        swiglu_alpha = _check_real("swiglu_alpha", swiglu_alpha)
         if swiglu_limit > 0 and swiglu_alpha <= 0:
             raise ValueError("swiglu_alpha must be > 0 when swiglu_limit is set")
+        if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
+            raise TypeError(f"weight_path: expected a str or os.PathLike, got {type(weight_path).__name__}")
         self.method = method
         self.weight_path = weight_path
-        self.cpu_save = bool(cpu_save)
+        self.cpu_save = _check_bool("cpu_save", cpu_save)
+        zero_point = _check_bool("zero_point", zero_point)
         self.max_deferred_experts_per_token = max_deferred
-        self.scheme, self.group_size = _scheme_for(method, group_size, bool(zero_point), self.hidden_size,
+        self.scheme, self.group_size = _scheme_for(method, group_size, zero_point, self.hidden_size,
                                                    self.moe_intermediate_size)
         self.cpuinfer_threads = threads
         self.threadpool_count = pools
@@ -209,7 +292,9 @@ class KTMoEWrapper:
         n = _check_int("num_gpu_experts", num_gpu_experts, 0)
         if n > E:
             raise ValueError(f"num_gpu_experts ({n}) exceeds num_experts ({E})")
-        torch = torch_module()
+        # A torch tensor whenever torch is installed, even if not imported yet: servers update the mask
+        # with torch methods (copy_, resize_, set_) and may import torch after creating the wrappers.
+        torch = _import_torch()
         if torch is not None:
             m = torch.zeros(E, dtype=torch.bool)
         else:

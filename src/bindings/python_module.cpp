@@ -7,8 +7,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -37,6 +40,60 @@ QuantScheme to_scheme(int s) {
 DType to_dtype(int d) {
   if (d < 0 || d > 3) throw std::invalid_argument("unknown dtype code " + std::to_string(d));
   return static_cast<DType>(d);
+}
+
+// Most worker threads one pool takes: more than the hardware threads of the
+// largest x86 servers, far fewer than would exhaust the process's threads.
+constexpr int64_t kMaxPoolThreads = 4096;
+
+// An integer argument of a native constructor, checked here rather than by
+// pybind11's overload resolution, whose error for a bool, a float or an
+// out-of-range value lists every signature without naming the argument.
+// Accepts Python ints and objects with __index__ (NumPy integers); rejects
+// bool (and numpy.bool, which has no __index__).
+int64_t int_arg(py::handle v, const std::string& name, int64_t lo, int64_t hi) {
+  if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+    throw py::type_error(name + ": expected an int, got " + std::string(py::str(py::type::of(v).attr("__name__"))));
+  py::int_ i = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr()));
+  if (!i) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow == 0 && x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0 || x < lo || x > hi)
+    throw py::value_error(name + ": must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+                          std::string(py::str(i)));
+  return int64_t(x);
+}
+
+// NUMA node ids this process can run threads on, ascending.
+std::vector<int> nodes_with_cpus() {
+  std::vector<int> ids;
+  for (const NumaNodeInfo& n : topology().nodes)
+    if (!n.cpus.empty()) ids.push_back(n.os_index);
+  return ids;
+}
+
+// The sub-pools' NUMA nodes: each an existing node with CPUs this process may
+// use (a sub-pool on a missing node would run unpinned while claiming a node).
+std::vector<int> numa_nodes_arg(py::handle v) {
+  if (py::isinstance<py::str>(v) || py::isinstance<py::bytes>(v) || !py::isinstance<py::sequence>(v))
+    throw py::type_error("numa_nodes: expected a list of ints, got " +
+                         std::string(py::str(py::type::of(v).attr("__name__"))));
+  const std::vector<int> available = nodes_with_cpus();
+  std::vector<int> nodes;
+  const py::sequence seq = py::reinterpret_borrow<py::sequence>(v);
+  for (size_t k = 0; k < seq.size(); ++k) {
+    const std::string name = "numa_nodes[" + std::to_string(k) + "]";
+    const int node = int(int_arg(seq[k], name, 0, std::numeric_limits<int32_t>::max()));
+    if (std::find(available.begin(), available.end(), node) == available.end()) {
+      std::string list;
+      for (int a : available) list += (list.empty() ? "" : ", ") + std::to_string(a);
+      throw py::value_error(name + " = " + std::to_string(node) +
+                            ": no such NUMA node with CPUs this process may use (available: " + list + ")");
+    }
+    nodes.push_back(node);
+  }
+  return nodes;
 }
 
 py::dict cpu_info() {
@@ -227,6 +284,16 @@ void register_async_bindings(py::module_& m);  // async_module.cpp
 PYBIND11_MODULE(_kt_kernel, m) {
   m.doc() = "kt_kernel native module (use the kt_kernel package, not this module)";
   m.attr("PACKED_LAYOUT_VERSION") = kPackedLayoutVersion;
+  {
+    // The native limits, so that Python checks the same bounds before it
+    // allocates anything sized by them (a mask of num_experts entries).
+    py::dict limits;
+    limits["max_experts"] = kMaxExperts;
+    limits["max_top_k"] = kMaxTopK;
+    limits["max_matrix_elements"] = kMaxMatrixElements;
+    limits["max_threads"] = kMaxPoolThreads;
+    m.attr("LIMITS") = limits;
+  }
   m.def(
       "phase_times",
       [](bool reset) {
@@ -261,10 +328,13 @@ PYBIND11_MODULE(_kt_kernel, m) {
         py::arg("cols"), py::arg("q"), py::arg("scales"), py::arg("mins"), py::arg("col0") = 0);
 
   py::class_<ThreadPool, std::shared_ptr<ThreadPool>>(m, "ThreadPool")
-      .def(py::init([](int threads, std::vector<int> nodes, bool pin) {
-             if (threads < 1) throw std::invalid_argument("cpuinfer_threads must be >= 1");
-             if (nodes.empty()) throw std::invalid_argument("need at least one sub-pool");
-             if (int(nodes.size()) > threads) throw std::invalid_argument("more NUMA sub-pools than threads");
+      .def(py::init([](py::object threads_arg, py::object nodes_arg, bool pin) {
+             const int threads = int(int_arg(threads_arg, "cpuinfer_threads", 1, kMaxPoolThreads));
+             const std::vector<int> nodes = numa_nodes_arg(nodes_arg);
+             if (nodes.empty()) throw std::invalid_argument("numa_nodes: need at least one sub-pool");
+             if (int(nodes.size()) > threads)
+               throw std::invalid_argument("threadpool_count (" + std::to_string(nodes.size()) +
+                                           ") exceeds cpuinfer_threads (" + std::to_string(threads) + ")");
              return std::make_shared<ThreadPool>(threads, nodes, pin);
            }),
            py::arg("threads"), py::arg("numa_nodes"), py::arg("pin"))
@@ -286,15 +356,19 @@ PYBIND11_MODULE(_kt_kernel, m) {
       });
 
   py::class_<PyMoe>(m, "MoeLayer")
-      .def(py::init([](std::shared_ptr<ThreadPool> pool, uint32_t E, uint32_t k, uint32_t H, uint32_t I, int scheme,
-                       uint32_t group, float limit, float alpha) {
+      .def(py::init([](std::shared_ptr<ThreadPool> pool, py::object E, py::object k, py::object H, py::object I,
+                       py::object scheme, py::object group, float limit, float alpha) {
+             if (!pool) throw py::type_error("pool: expected a ThreadPool, got None");
+             constexpr int64_t u32 = std::numeric_limits<uint32_t>::max();
              MoeConfig c;
-             c.num_experts = E;
-             c.top_k = k;
-             c.hidden = H;
-             c.intermediate = I;
-             c.scheme = to_scheme(scheme);
-             c.group_size = group;
+             // The layer checks the sizes against its own limits (moe_layer.h);
+             // here they only have to be integers of its field types.
+             c.num_experts = uint32_t(int_arg(E, "num_experts", 1, u32));
+             c.top_k = uint32_t(int_arg(k, "num_experts_per_tok", 1, u32));
+             c.hidden = uint32_t(int_arg(H, "hidden_size", 1, u32));
+             c.intermediate = uint32_t(int_arg(I, "moe_intermediate_size", 1, u32));
+             c.scheme = to_scheme(int(int_arg(scheme, "scheme", 0, kNumSchemes - 1)));
+             c.group_size = uint32_t(int_arg(group, "group_size", 0, u32));
              c.activation.swiglu_limit = limit;
              c.activation.swiglu_alpha = alpha;
              auto p = std::make_unique<PyMoe>();
@@ -370,6 +444,7 @@ PYBIND11_MODULE(_kt_kernel, m) {
              if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(float));
              return out;
            })
+      .def_property_readonly("num_slices", [](PyMoe& self) { return self.layer->num_slices(); })
       .def("slice_range", [](PyMoe& self, int s) { return self.layer->slice_range(s); })
       .def_property_readonly("address", [](PyMoe& self) { return reinterpret_cast<uintptr_t>(self.layer.get()); });
   register_async_bindings(m);

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -267,6 +268,16 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(po
   if (cfg.top_k == 0) bad("num_experts_per_tok must be positive");
   if (cfg.hidden == 0) bad("hidden_size must be positive");
   if (cfg.intermediate == 0) bad("moe_intermediate_size must be positive");
+  // Limits first: everything below pads, slices and multiplies these sizes.
+  if (cfg.num_experts > kMaxExperts)
+    bad("num_experts must be at most " + std::to_string(kMaxExperts) + ", got " + std::to_string(cfg.num_experts));
+  if (cfg.top_k > kMaxTopK)
+    bad("num_experts_per_tok must be at most " + std::to_string(kMaxTopK) + ", got " + std::to_string(cfg.top_k));
+  const uint64_t matrix_elements = uint64_t(cfg.hidden) * uint64_t(cfg.intermediate);  // < 2^64: two uint32
+  if (matrix_elements > kMaxMatrixElements)
+    bad("hidden_size x moe_intermediate_size must be at most " + std::to_string(kMaxMatrixElements) +
+        " weights per expert matrix, got " + std::to_string(cfg.hidden) + " x " + std::to_string(cfg.intermediate) +
+        " = " + std::to_string(matrix_elements));
   if (cfg.scheme == QuantScheme::kInt8Group && cfg.group_size == 0) bad("grouped INT8 needs group_size 32, 64 or 128");
   if (cfg.scheme == QuantScheme::kFP8Block && cfg.group_size == 0) bad("FP8 block needs group_size 32, 64 or 128 (checkpoints: 128)");
   if (scheme_has_groups(cfg.scheme) && cfg.group_size != 0) {
@@ -279,31 +290,54 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(po
     bad("group_size applies to INT4, grouped INT8 and FP8 formats only");
   }
 
-  const int n = pool.num_subpools();
-  const uint32_t units = (cfg.intermediate + kSliceAlign - 1) / kSliceAlign;
-  for (int s = 0; s < n; ++s) {
+  // The slice plan: units of kSliceAlign columns shared out as evenly as
+  // they go, one slice per sub-pool while there are units for each. A layer
+  // narrower than one unit per sub-pool gets fewer slices (an empty slice would
+  // add a partial output that nothing writes); the sub-pools left without one
+  // have no tasks of their own, and their threads help the others.
+  const uint64_t units = (uint64_t(cfg.intermediate) + kSliceAlign - 1) / kSliceAlign;
+  const uint64_t n = std::min<uint64_t>(uint64_t(std::max(1, pool.num_subpools())), units);
+  uint64_t expert_bytes = 0;  // all slices' gate, up and down of one expert
+  for (uint64_t s = 0; s < n; ++s) {
     auto sl = std::make_unique<Slice>();
-    sl->begin = std::min(cfg.intermediate, uint32_t(uint64_t(units) * s / n) * kSliceAlign);
-    sl->end = std::min(cfg.intermediate, uint32_t(uint64_t(units) * (s + 1) / n) * kSliceAlign);
-    if (sl->width() > 0) {
-      if (!packed_geometry(cfg.scheme, sl->width(), cfg.hidden, cfg.group_size, &sl->gate_geo) ||
-          !packed_geometry(cfg.scheme, cfg.hidden, sl->width(), cfg.group_size, &sl->down_geo))
-        bad("unsupported matrix geometry for this format");
-    }
+    sl->begin = uint32_t(units * s / n * kSliceAlign);
+    sl->end = uint32_t(std::min<uint64_t>(cfg.intermediate, units * (s + 1) / n * kSliceAlign));
+    if (!packed_geometry(cfg.scheme, sl->width(), cfg.hidden, cfg.group_size, &sl->gate_geo) ||
+        !packed_geometry(cfg.scheme, cfg.hidden, sl->width(), cfg.group_size, &sl->down_geo))
+      bad("unsupported matrix geometry for this format");
+    uint64_t slice_bytes = 0;
+    if (__builtin_mul_overflow(uint64_t(sl->gate_geo.total_bytes), uint64_t(2), &slice_bytes) ||
+        __builtin_add_overflow(slice_bytes, uint64_t(sl->down_geo.total_bytes), &slice_bytes) ||
+        __builtin_add_overflow(expert_bytes, slice_bytes, &expert_bytes))
+      bad("the packed size of one expert overflows 64 bits");
     slices_.push_back(std::move(sl));
   }
+  // Every slice's arena holds all experts (allocate()); the layer's total must
+  // be an addressable size, not a wrapped one.
+  uint64_t layer_bytes = 0;
+  if (__builtin_mul_overflow(expert_bytes, uint64_t(cfg.num_experts), &layer_bytes) ||
+      layer_bytes > uint64_t(std::numeric_limits<std::ptrdiff_t>::max()))
+    bad("the packed weights of num_experts=" + std::to_string(cfg.num_experts) + " experts of " +
+        std::to_string(expert_bytes) + " bytes each exceed the address space");
   loaded_.assign(cfg.num_experts, 0);
 }
 
 MoeLayer::~MoeLayer() = default;
 
-std::pair<uint32_t, uint32_t> MoeLayer::slice_range(int s) const { return {slices_[size_t(s)]->begin, slices_[size_t(s)]->end}; }
+std::pair<uint32_t, uint32_t> MoeLayer::slice_range(int s) const {
+  if (s < 0 || size_t(s) >= slices_.size())
+    throw std::out_of_range("slice " + std::to_string(s) + " of a layer with " + std::to_string(slices_.size()) +
+                            " slices");
+  return {slices_[size_t(s)]->begin, slices_[size_t(s)]->end};
+}
+
+std::vector<size_t> MoeLayer::subpool_counts() const { return std::vector<size_t>(size_t(pool_.num_subpools()), 0); }
 
 bool MoeLayer::slot_loaded(uint32_t slot) const { return slot < loaded_.size() && loaded_[slot]; }
 
 size_t MoeLayer::packed_bytes() const {
   size_t total = 0;
-  for (const auto& sl : slices_) total += sl->width() ? (2 * sl->gate_geo.total_bytes + sl->down_geo.total_bytes) : 0;
+  for (const auto& sl : slices_) total += 2 * sl->gate_geo.total_bytes + sl->down_geo.total_bytes;
   size_t loaded = 0;
   for (uint8_t l : loaded_) loaded += l;
   return total * loaded;
@@ -323,12 +357,13 @@ void MoeLayer::load_dense(const void* gate, const void* up, const void* down, DT
   }
   const size_t esize = dtype_size(dt);
   allocate();
-  std::vector<size_t> counts(slices_.size(), size_t(E) * 3);
+  std::vector<size_t> counts = subpool_counts();
+  for (size_t s = 0; s < slices_.size(); ++s) counts[s] = size_t(E) * 3;
   pool_.parallel_for_subpools(counts.data(), [&](int s, size_t task, int) {
     Slice& sl = *slices_[size_t(s)];
     const uint32_t e = uint32_t(task / 3);
     const int which = int(task % 3);
-    if (!sl.width() || (load_slot && !load_slot[e])) return;
+    if (load_slot && !load_slot[e]) return;
     const size_t lg = size_t(logical[e]);
     const uint8_t* g = static_cast<const uint8_t*>(gate) + lg * I * H * esize;
     const uint8_t* u = static_cast<const uint8_t*>(up) + lg * I * H * esize;
@@ -348,7 +383,6 @@ void MoeLayer::allocate() {
   // Every slice's arena; pages are first touched by the packing threads of
   // the slice's own sub-pool (never-loaded slots are never touched).
   for (auto& sl : slices_) {
-    if (!sl->width()) continue;
     sl->gate = AlignedBuffer(sl->gate_geo.total_bytes * E);
     sl->up = AlignedBuffer(sl->gate_geo.total_bytes * E);
     sl->down = AlignedBuffer(sl->down_geo.total_bytes * E);
@@ -368,7 +402,7 @@ template <typename Fn>
 void MoeLayer::pack_expert_tasks(uint32_t slot, Fn&& fn) {
   if (slot >= cfg_.num_experts) throw std::invalid_argument("expert slot " + std::to_string(slot) + " is out of range");
   for (const auto& sl : slices_)
-    if (sl->width() && sl->gate_views.size() != cfg_.num_experts)
+    if (sl->gate_views.size() != cfg_.num_experts)
       throw std::logic_error("MoeLayer::allocate() must be called before loading experts");
   // Tasks per slice: (matrix, chunk of row blocks), a few per thread.
   const int S = int(slices_.size());
@@ -378,10 +412,9 @@ void MoeLayer::pack_expert_tasks(uint32_t slot, Fn&& fn) {
     uint32_t b0, b1;
   };
   std::vector<std::vector<Chunk>> chunks(static_cast<size_t>(S));
-  std::vector<size_t> counts(size_t(S), 0);
+  std::vector<size_t> counts = subpool_counts();
   for (int s = 0; s < S; ++s) {
     const Slice& sl = *slices_[size_t(s)];
-    if (!sl.width()) continue;
     for (int which = 0; which < 3; ++which) {
       const uint32_t blocks = (which == 2 ? sl.down_geo.rows_padded : sl.gate_geo.rows_padded) / kRowBlock;
       const uint32_t per = uint32_t(std::max<size_t>(1, (blocks + 2 * threads_per_slice - 1) / (2 * threads_per_slice)));
@@ -445,7 +478,6 @@ void MoeLayer::unpack_expert(uint32_t slot, int which, double* out) const {
   if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (gate), 1 (up) or 2 (down)");
   const uint32_t I = cfg_.intermediate, H = cfg_.hidden;
   for (const auto& sl : slices_) {
-    if (!sl->width()) continue;
     const PackedGeometry& geo = which == 2 ? sl->down_geo : sl->gate_geo;
     const AlignedBuffer& buf = which == 0 ? sl->gate : (which == 1 ? sl->up : sl->down);
     std::vector<double> part(size_t(geo.rows) * geo.cols);
@@ -540,12 +572,11 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     sc.rows_to_encode.clear();
     sc.gate_up_tasks.resize(size_t(S));
     std::vector<size_t>& counts = sc.task_counts;
-    counts.assign(size_t(S), 0);
+    counts.assign(size_t(pool_.num_subpools()), 0);  // sub-pools past the last slice: none of their own
     for (int s = 0; s < S; ++s) {
       auto& tasks = sc.gate_up_tasks[size_t(s)];
       tasks.clear();
       const Slice& sl = *slices_[size_t(s)];
-      if (!sl.width()) continue;
       const size_t blocks = sl.gate_geo.rows_padded / kRowBlock;
       const double total = double(P) * double(blocks);
       const int slice_threads = std::max(1, threads / S);
@@ -604,10 +635,6 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
     for (int s = 0; s < S; ++s) {
       auto& tasks = sc.down_tasks[size_t(s)];
       tasks.clear();
-      if (!slices_[size_t(s)]->width()) {
-        counts[size_t(s)] = 0;
-        continue;
-      }
       const int slice_threads = std::max(1, threads / S);
       const uint32_t per = P >= kDecodeMaxPairs
                                ? prefill_down_blocks_per_task(hblocks, slice_threads)
