@@ -67,13 +67,6 @@ static inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-static inline float hmax_ps(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 0x4e));
-  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 0xb1));
-  return _mm_cvtss_f32(m);
-}
-
 // e^x in fp32 within 1 ulp of glibc's expf over [-110, 95] (Cephes
 // polynomial, FMA range reduction). Overflows to +inf above ln(FLT_MAX), flushes through the
 // subnormals to 0 below about -103.3, and propagates NaN. 2^n is applied as
