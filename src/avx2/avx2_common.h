@@ -105,9 +105,10 @@ static inline __m256 activation_ps(__m256 g, __m256 u, const ActivationParams& p
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
   }
   const __m256 lim = _mm256_set1_ps(p.swiglu_limit);
-  // fmin(g, limit) and fmax(-limit, fmin(u, limit)): a NaN input yields the bound, as fmin/fmax do.
-  const __m256 gl = _mm256_min_ps(g, lim);
-  const __m256 ul = _mm256_max_ps(_mm256_min_ps(u, lim), _mm256_xor_ps(lim, sign));
+  // min/max return their second operand when one is NaN: with the bound
+  // first, a NaN g or u passes through, as in the reference.
+  const __m256 gl = _mm256_min_ps(lim, g);
+  const __m256 ul = _mm256_max_ps(_mm256_xor_ps(lim, sign), _mm256_min_ps(lim, u));
   const __m256 e = exp_ps(_mm256_mul_ps(_mm256_set1_ps(-p.swiglu_alpha), gl));
   return _mm256_mul_ps(_mm256_div_ps(gl, _mm256_add_ps(one, e)), _mm256_add_ps(ul, one));
 }

@@ -25,8 +25,11 @@ namespace ref {
 
 float activation(float g, float u, const ActivationParams& p) {
   if (p.swiglu_limit <= 0.0f) return g / (1.0f + std::exp(-g)) * u;
-  const float gl = std::fmin(g, p.swiglu_limit);
-  const float ul = std::fmax(-p.swiglu_limit, std::fmin(u, p.swiglu_limit));
+  // The clamps keep a NaN (as torch.clamp in GPT-OSS's reference does);
+  // fmin/fmax would replace it by the bound and launder a bad token.
+  const float lim = p.swiglu_limit;
+  const float gl = g > lim ? lim : g;
+  const float ul = u > lim ? lim : (u < -lim ? -lim : u);
   return gl / (1.0f + std::exp(-p.swiglu_alpha * gl)) * (ul + 1.0f);
 }
 
