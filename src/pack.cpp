@@ -1,10 +1,17 @@
 // Quantisation and packing of weights into the layout of packed_matrix.h,
 // and the exact inverse. Runs at load time, at baseline flags.
+//
+// A weight row (per channel) or group holding Inf or NaN gets a NaN scale
+// (INT4: and min), and an FP8 group holding a NaN code a NaN scale, so the
+// outputs computed from it are NaN in every backend rather than finite
+// numbers that depend on how the amax and the codes treat non-finite values
+// (docs/DESIGN_NOTES.md, "Non-finite values").
 #include "kt_kernel/pack.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -89,7 +96,7 @@ void pack_block_int8_group(const PackedGeometry& g, const float* rows, size_t ro
 uint8_t fp8_e4m3_from_double(double x) {
   const uint8_t sign = std::signbit(x) ? 0x80 : 0;
   const double a = std::fabs(x);
-  if (!(a < 448.0)) return uint8_t(sign | 0x7e);  // also NaN -> max (never fed NaN)
+  if (!(a < 448.0)) return uint8_t(sign | 0x7e);  // also NaN -> max (the group's scale is NaN then)
   int code;
   if (a < 0.015625) {  // below 2^-6: subnormal step 2^-9 (m = 8 rounds up to the smallest normal, code 8)
     code = int(std::nearbyint(a * 512.0));
@@ -103,12 +110,16 @@ uint8_t fp8_e4m3_from_double(double x) {
   return uint8_t(sign | code);
 }
 
-// The FP8 group rule: scale = amax / 448 (0 for an all-zero group); writes
-// the codes to q when given.
+// The FP8 group rule: scale = amax / 448 (0 for an all-zero group, NaN for a
+// group holding Inf or NaN); writes the codes to q when given.
 float fp8_group_codes(const float* w, size_t n, uint8_t* q) {
   float amax = 0.0f;
-  for (size_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(w[i]));
-  const float scale = amax / 448.0f;
+  bool finite = true;
+  for (size_t i = 0; i < n; ++i) {
+    amax = std::fmax(amax, std::fabs(w[i]));
+    finite = finite && std::isfinite(w[i]);
+  }
+  const float scale = finite ? amax / 448.0f : std::numeric_limits<float>::quiet_NaN();
   if (q)
     for (size_t i = 0; i < n; ++i) q[i] = scale != 0.0f ? fp8_e4m3_from_double(double(w[i]) / double(scale)) : 0;
   return scale;
@@ -137,8 +148,14 @@ void pack_block_fp8(const PackedGeometry& g, const float* rows, size_t row_len, 
 
 // The amax rules on the statistics range w[s0, s1): Q4_0 (symmetric,
 // d = m / -8 with m the element of largest magnitude) and Q4_1 (asymmetric,
-// d = (max - min) / 15, lo = min).
+// d = (max - min) / 15, lo = min); both NaN when the range holds Inf or NaN
+// (the codes then all come out 15, and the kernels' results NaN).
 void int4_amax_params(bool sym, const float* w, ptrdiff_t s0, ptrdiff_t s1, float* d, float* lo) {
+  for (ptrdiff_t k = s0; k < s1; ++k)
+    if (!std::isfinite(w[k])) {
+      *d = *lo = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
   if (sym) {
     float m = 0.0f;
     for (ptrdiff_t k = s0; k < s1; ++k)
@@ -214,6 +231,7 @@ bool int4_refit(bool sym, const float* w, size_t n, float d, float lo, float* d_
 // least-squares refit of the winner's codes.
 void int4_search_params(bool sym, const float* w, size_t n, float* d, float* lo) {
   int4_amax_params(sym, w, 0, ptrdiff_t(n), d, lo);
+  if (std::isnan(*d)) return;  // a non-finite group keeps its NaN parameters
   double best = int4_sq_error(sym, w, n, *d, *lo);
   if (best == 0.0) return;
   auto consider = [&](float cd, float clo) {
@@ -386,7 +404,14 @@ void pack_quantized_blocks(QuantScheme s, const PackedGeometry& g, const void* q
             blk[int8_offset(r, k)] = (r < valid && k < g.cols) ? src[(r0 + r) * ld_q + col0 + k] : uint8_t(0);
           for (size_t grp = 0; grp < g.groups; ++grp) {
             const bool real = r < valid && grp < real_groups;
-            sc[grp * kRowBlock + r] = real ? scales[(r0 + r) * scales_ld + g0 + grp] : 0.0f;
+            // A NaN code (0x7f, 0xff) NaNs its group's scale: the kernels
+            // decode such codes differently (the AVX-512 one as +-480).
+            bool nan_code = false;
+            for (size_t k = grp * g.group_size; real && k < std::min<size_t>((grp + 1) * g.group_size, g.cols); ++k)
+              nan_code = nan_code || (blk[int8_offset(r, k)] & 0x7f) == 0x7f;
+            sc[grp * kRowBlock + r] = !real ? 0.0f
+                                      : nan_code ? std::numeric_limits<float>::quiet_NaN()
+                                                 : scales[(r0 + r) * scales_ld + g0 + grp];
           }
         }
         break;

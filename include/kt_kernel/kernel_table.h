@@ -15,6 +15,8 @@ namespace kt {
 //   BF16, FP8: data = bf16 [rows][k_padded]                   (row_scale, group_sums unused)
 //   INT8:  data = u8 = q + 128 [rows][k_padded], q = round(x / row_scale) in [-127, 127]
 //   INT4:  data = s8 = q [rows][k_padded];  group_sums[r][j] = sum of q over k in [32j, 32j+32)
+// A row holding Inf or NaN has row_scale NaN (its codes: finite -> 0, else
+// 127), so everything computed from it is NaN.
 // Padding columns hold the encoding of 0. A view may start at a column
 // offset (a NUMA slice of K) by advancing data and group_sums together.
 struct ActsView {

@@ -211,8 +211,9 @@ static inline void activation_cols(const float* g, const float* u, size_t n, con
     if (p.swiglu_limit <= 0.0f) {
       out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     } else {
-      const float gl = fminf(g[i], p.swiglu_limit);
-      const float ul = fmaxf(-p.swiglu_limit, fminf(u[i], p.swiglu_limit));
+      const float lim = p.swiglu_limit;  // clamps that keep a NaN, as the reference's
+      const float gl = g[i] > lim ? lim : g[i];
+      const float ul = u[i] > lim ? lim : (u[i] < -lim ? -lim : u[i]);
       out[i] = gl / (1.0f + expf(-p.swiglu_alpha * gl)) * (ul + 1.0f);
     }
   }

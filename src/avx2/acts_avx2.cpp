@@ -3,9 +3,10 @@
 // f32_to_bf16), because the quantised activations feed integer dot products
 // that must agree exactly across backends.
 //
-//   amax = max |x| ignoring NaN; inv = 127 / amax (one scalar fp32 division);
+//   amax = max |x|; inv = 127 / amax (one scalar fp32 division);
 //   q = clamp(rint(x * inv), -127, 127), with a NaN product clamped to +127
-//   as fmin/fmax do; scale = amax / 127.
+//   as fmin/fmax do; scale = amax / 127. A row holding Inf or NaN has
+//   inv = 0 and scale NaN.
 //
 // Rows are processed 32 floats at a time (four ymm -> one ymm of bytes, and
 // one activation-sum group of kActSumGroup). The tail of a row and the
@@ -31,12 +32,30 @@ inline __m256 load_padded(const float* x, size_t i, size_t k) {
   return _mm256_load_ps(t);
 }
 
-inline float row_amax(const float* x, size_t k) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 m = _mm256_setzero_ps();
-  // max_ps returns its second operand when one is NaN: NaN inputs are skipped, as by fmax.
-  for (size_t i = 0; i < k; i += kLanes) m = _mm256_max_ps(_mm256_and_ps(load_padded(x, i, k), abs_mask), m);
-  return hmax_ps(m);
+// |x| as bits: magnitudes compare as their bit patterns do (finite < Inf < NaN).
+inline __m256i abs_bits8(__m256 v) {
+  return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
+}
+
+// The bits of max |x|: an integer max finds amax and keeps a NaN, which
+// max_ps would drop or keep depending on the operand order. Integer max is
+// exact in any order, so the four accumulators (as in the AVX-512 encoder)
+// change nothing but the speed.
+inline uint32_t row_amax_bits(const float* x, size_t k) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
+  size_t i = 0;
+  for (; i + 4 * kLanes <= k; i += 4 * kLanes) {
+    m0 = _mm256_max_epi32(abs_bits8(_mm256_loadu_ps(x + i)), m0);
+    m1 = _mm256_max_epi32(abs_bits8(_mm256_loadu_ps(x + i + 8)), m1);
+    m2 = _mm256_max_epi32(abs_bits8(_mm256_loadu_ps(x + i + 16)), m2);
+    m3 = _mm256_max_epi32(abs_bits8(_mm256_loadu_ps(x + i + 24)), m3);
+  }
+  for (; i < k; i += kLanes) m0 = _mm256_max_epi32(abs_bits8(load_padded(x, i, k)), m0);
+  const __m256i m = _mm256_max_epi32(_mm256_max_epi32(m0, m1), _mm256_max_epi32(m2, m3));
+  __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(h));
 }
 
 // q of floats [i, i + 8); lanes at or past k are 0 (padding), whatever inv
@@ -67,8 +86,10 @@ inline __m256i quantize_chunk(const float* x, size_t i, size_t k, __m256 inv, in
 // Quantises one row; writes round_up(k, 64) bytes (u8 = q + 128 when
 // biased, else s8 = q) and, when sums is not null, the sum of q per 32 k.
 inline float quantize_row(const float* x, size_t k, bool biased, uint8_t* dst, int32_t* sums) {
-  const float amax = row_amax(x, k);
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const uint32_t bits = row_amax_bits(x, k);
+  const bool finite = bits < 0x7f800000u;
+  const float amax = _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(bits))));
+  const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
   const __m256 invv = _mm256_set1_ps(inv);
   const __m256i bias = _mm256_set1_epi8(biased ? char(0x80) : 0);
   const size_t kp = round_up(k, kColPad);
@@ -78,7 +99,7 @@ inline float quantize_row(const float* x, size_t k, bool biased, uint8_t* dst, i
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_xor_si256(q, bias));  // q ^ 0x80 = q + 128
     if (sums) sums[i / kQuantChunk] = sum;
   }
-  return amax / 127.0f;
+  return finite ? amax / 127.0f : __builtin_nanf("");
 }
 
 // f32_to_bf16 on 8 lanes (round to nearest even, NaN -> quiet NaN), in the low half of each dword.

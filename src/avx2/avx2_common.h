@@ -67,13 +67,6 @@ static inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-static inline float hmax_ps(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 0x4e));
-  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 0xb1));
-  return _mm_cvtss_f32(m);
-}
-
 // e^x in fp32 within 1 ulp of glibc's expf over [-110, 95] (Cephes
 // polynomial, FMA range reduction). Overflows to +inf above ln(FLT_MAX), flushes through the
 // subnormals to 0 below about -103.3, and propagates NaN. 2^n is applied as
@@ -112,9 +105,10 @@ static inline __m256 activation_ps(__m256 g, __m256 u, const ActivationParams& p
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
   }
   const __m256 lim = _mm256_set1_ps(p.swiglu_limit);
-  // fmin(g, limit) and fmax(-limit, fmin(u, limit)): a NaN input yields the bound, as fmin/fmax do.
-  const __m256 gl = _mm256_min_ps(g, lim);
-  const __m256 ul = _mm256_max_ps(_mm256_min_ps(u, lim), _mm256_xor_ps(lim, sign));
+  // min/max return their second operand when one is NaN: with the bound
+  // first, a NaN g or u passes through, as in the reference.
+  const __m256 gl = _mm256_min_ps(lim, g);
+  const __m256 ul = _mm256_max_ps(_mm256_xor_ps(lim, sign), _mm256_min_ps(lim, u));
   const __m256 e = exp_ps(_mm256_mul_ps(_mm256_set1_ps(-p.swiglu_alpha), gl));
   return _mm256_mul_ps(_mm256_div_ps(gl, _mm256_add_ps(one, e)), _mm256_add_ps(ul, one));
 }

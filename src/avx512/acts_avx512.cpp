@@ -2,7 +2,8 @@
 // to the reference: per row amax, inv = 127 / amax as one scalar fp32
 // division, q = round-to-nearest-even(x * inv) clamped to +-127 (clamping
 // before rounding gives the same integers, and min/max order makes NaN clamp
-// to 127 as fmin does); INT8 stores q + 128, INT4 stores q and its sums per
+// to 127 as fmin does), scale = amax / 127, and a row holding Inf or NaN
+// gets inv = 0 and scale NaN; INT8 stores q + 128, INT4 stores q and its sums per
 // 32 k; BF16 rounds to nearest even in integer arithmetic (vcvtneps2bf16
 // would flush subnormal inputs to zero, the reference does not). Padding
 // columns up to round_up(k, 64) hold the encoding of 0.
@@ -18,19 +19,25 @@ static inline __m512 load16(const float* x, size_t i, size_t k) {
   return i >= k ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(tail_mask16(k - i), x + i);
 }
 
-static inline float row_amax(const float* x, size_t k) {
-  // max_ps returns its second operand when the first is NaN: NaNs are
-  // skipped, as std::fmax(amax, NaN) does.
-  __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+// |x| as bits: magnitudes compare as their bit patterns do (finite < Inf < NaN).
+static inline __m512i abs_bits16(__m512 v) {
+  return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+}
+
+// The bits of max |x|: an integer max finds amax and keeps a NaN, which
+// max_ps would drop or keep depending on the operand order. Integer max is
+// exact in any order, so the four accumulators change nothing but the speed.
+static inline uint32_t row_amax_bits(const float* x, size_t k) {
+  __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
   for (; i + 64 <= k; i += 64) {
-    m0 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), m0);
-    m1 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i + 16)), m1);
-    m2 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i + 32)), m2);
-    m3 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i + 48)), m3);
+    m0 = _mm512_max_epi32(abs_bits16(_mm512_loadu_ps(x + i)), m0);
+    m1 = _mm512_max_epi32(abs_bits16(_mm512_loadu_ps(x + i + 16)), m1);
+    m2 = _mm512_max_epi32(abs_bits16(_mm512_loadu_ps(x + i + 32)), m2);
+    m3 = _mm512_max_epi32(abs_bits16(_mm512_loadu_ps(x + i + 48)), m3);
   }
-  for (; i < k; i += 16) m0 = _mm512_max_ps(_mm512_abs_ps(load16(x, i, k)), m0);
-  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  for (; i < k; i += 16) m0 = _mm512_max_epi32(abs_bits16(load16(x, i, k)), m0);
+  return uint32_t(_mm512_reduce_max_epi32(_mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3))));
 }
 
 // Lanes [i, i + 16) of a row of k valid columns quantised; padding lanes
@@ -49,15 +56,17 @@ static inline __m512i quant16(const float* x, size_t i, size_t k, __m512 inv) {
 // Returns the row scale.
 template <class Sink>
 static inline float quantize_row(const float* x, size_t k, size_t kp, Sink sink) {
-  const float amax = row_amax(x, k);
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const uint32_t bits = row_amax_bits(x, k);
+  const bool finite = bits < 0x7f800000u;
+  const float amax = _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(bits))));
+  const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
   const __m512 vinv = _mm512_set1_ps(inv);
   for (size_t c = 0; c < kp / 32; ++c) {
     const __m512i q0 = quant16(x, 32 * c, k, vinv);
     const __m512i q1 = quant16(x, 32 * c + 16, k, vinv);
     sink(c, q0, q1);
   }
-  return amax / 127.0f;
+  return finite ? amax / 127.0f : __builtin_nanf("");
 }
 
 static inline __m256i bf16_rne16(__m512 x) {

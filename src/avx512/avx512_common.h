@@ -152,9 +152,10 @@ static inline __m512 activation512(__m512 g, __m512 u, const Act512& a) {
     const __m512 e = exp512(_mm512_xor_ps(g, _mm512_set1_ps(-0.0f)));
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
   }
-  // fmin(g, limit) -> limit when g is NaN: min_ps returns its second operand then.
-  const __m512 gl = _mm512_min_ps(g, a.limit);
-  const __m512 ul = _mm512_max_ps(_mm512_min_ps(u, a.limit), a.neg_limit);
+  // min/max return their second operand when one is NaN: with the bound
+  // first, a NaN g or u passes through, as in the reference.
+  const __m512 gl = _mm512_min_ps(a.limit, g);
+  const __m512 ul = _mm512_max_ps(a.neg_limit, _mm512_min_ps(a.limit, u));
   const __m512 e = exp512(_mm512_mul_ps(a.neg_alpha, gl));
   return _mm512_mul_ps(_mm512_div_ps(gl, _mm512_add_ps(one, e)), _mm512_add_ps(ul, one));
 }

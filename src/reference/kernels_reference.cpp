@@ -5,12 +5,15 @@
 // spell out the exact arithmetic each format promises:
 //   * activations quantised per row: scale = amax / 127, q = rint(x * (127 / amax))
 //     (fp32 operations in this order; numpy can replay them bit for bit);
+//     a row holding Inf or NaN gets scale NaN (docs/DESIGN_NOTES.md,
+//     "Non-finite values");
 //   * integer dot products accumulated exactly in int32;
 //   * the fp32 epilogues below, with explicit fmaf where an FMA is part of
 //     the contract, so SIMD backends can reproduce integer formats bit-exactly.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kt_kernel/cpu_features.h"
 #include "kt_kernel/kernel_table.h"
@@ -22,21 +25,35 @@ namespace ref {
 
 float activation(float g, float u, const ActivationParams& p) {
   if (p.swiglu_limit <= 0.0f) return g / (1.0f + std::exp(-g)) * u;
-  const float gl = std::fmin(g, p.swiglu_limit);
-  const float ul = std::fmax(-p.swiglu_limit, std::fmin(u, p.swiglu_limit));
+  // The clamps keep a NaN (as torch.clamp in GPT-OSS's reference does);
+  // fmin/fmax would replace it by the bound and launder a bad token.
+  const float lim = p.swiglu_limit;
+  const float gl = g > lim ? lim : g;
+  const float ul = u > lim ? lim : (u < -lim ? -lim : u);
   return gl / (1.0f + std::exp(-p.swiglu_alpha * gl)) * (ul + 1.0f);
 }
 
 float quantize_row_i8(const float* x, size_t k, int8_t* q) {
+  // amax over the magnitudes, a NaN sticking once seen: the SIMD encoders
+  // take the integer max of the magnitudes' bit patterns, which orders
+  // finite < Inf < NaN, and this is the same maximum.
   float amax = 0.0f;
-  for (size_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (size_t i = 0; i < k; ++i) {
+    const float a = std::fabs(x[i]);
+    if (a > amax || std::isnan(a)) amax = a;
+  }
+  // A row holding Inf or NaN gets scale NaN, so every product with it is
+  // NaN: with scale amax / 127 an Inf would give Inf or Inf * 0 = NaN
+  // depending on the weights, and a NaN skipped by the max would vanish.
+  // Its codes are those of inv = 0 (finite -> 0, Inf and NaN -> 127).
+  const bool finite = amax <= std::numeric_limits<float>::max();
+  const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
   for (size_t i = 0; i < k; ++i) {
     float v = std::nearbyint(x[i] * inv);
     v = std::fmax(-127.0f, std::fmin(127.0f, v));
     q[i] = static_cast<int8_t>(v);
   }
-  return amax / 127.0f;
+  return finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
 }
 
 void bf16_to_f32_row(const uint16_t* src, size_t n, float* dst) {

@@ -10,7 +10,8 @@
 namespace kt {
 namespace ref {
 
-// Quantises k floats to int8 per the activation contract; returns the scale.
+// Quantises k floats to int8 per the activation contract; returns the scale
+// (NaN when any of the k floats is Inf or NaN). The weight packers use it too.
 float quantize_row_i8(const float* x, size_t k, int8_t* q);
 
 // The gated activation of ActivationParams, in fp32.

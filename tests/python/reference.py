@@ -62,16 +62,19 @@ def bf16_round(a: np.ndarray) -> np.ndarray:
 def quantize_rows_like_kernel(x: np.ndarray):
     """The kernels' per-row int8 activation quantiser, replayed in float32.
 
-    scale = amax / 127; q = rint(x * (127 / amax)), clamped to [-127, 127].
+    scale = amax / 127; q = rint(x * (127 / amax)), clamped to [-127, 127], a NaN
+    product giving 127. A row holding Inf or NaN: inv = 0 and scale NaN.
     Returns (q as int8 [rows, k], scale float32 [rows]).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    amax = np.max(np.abs(x), axis=1).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-    q = np.rint(x * inv[:, None]).astype(np.float32)
-    q = np.clip(q, -127, 127).astype(np.int8)
-    return q, (amax / np.float32(127.0)).astype(np.float32)
+    amax = np.max(np.abs(x), axis=1).astype(np.float32)  # NaN if the row holds one, Inf if it holds Inf
+    finite = np.isfinite(amax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(finite & (amax > 0), np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        q = np.rint(x * inv[:, None]).astype(np.float32)
+    q = np.clip(np.where(np.isnan(q), np.float32(127.0), q), -127, 127).astype(np.int8)
+    scale = np.where(finite, amax / np.float32(127.0), np.float32(np.nan)).astype(np.float32)
+    return q, scale
 
 
 def encode_like_kernel(x: np.ndarray, scheme: int) -> np.ndarray:
