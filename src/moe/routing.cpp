@@ -1,6 +1,7 @@
 #include "moe/routing.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace kt {
 namespace {
@@ -39,7 +40,14 @@ int64_t build_routing(const MoeForwardArgs& args, size_t t0, size_t n, uint32_t 
       order.clear();
       for (size_t j = 0; j < top_k; ++j)
         if (cpu_pair(load_id(args, t, j))) order.push_back({load_weight(args, t, j), -int32_t(j)});
-      std::sort(order.begin(), order.end());  // lowest weight first; ties: later k first
+      // Lowest weight first; ties: later k first. A NaN weight counts as the
+      // lowest: std::sort needs a strict weak order, which < is not with NaN.
+      std::sort(order.begin(), order.end(), [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+        const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+        if (a_nan != b_nan) return a_nan;
+        if (!a_nan && a.first != b.first) return a.first < b.first;
+        return a.second < b.second;
+      });
       const size_t d = std::min<size_t>(args.deferred_per_token, order.size());
       for (size_t i = 0; i < d; ++i)
         r->take[(t - t0) * top_k + size_t(-order[i].second)] = args.pair_filter == PairFilter::kDeferredOnly ? 1 : 0;

@@ -296,3 +296,37 @@ def test_weight_quantisers_give_nonfinite_groups_a_nan_scale():
 
 def test_fp8_nan_codes_get_a_nan_scale():
     _in_subprocess("m.check_fp8_nan_codes()")
+
+
+def test_nan_routing_weights_with_deferral():
+    _in_subprocess("m.check_nan_routing_weights()")
+
+
+def check_nan_routing_weights() -> None:
+    """NaN routing weights with expert deferral (which ranks a token's pairs by weight): no crash (the
+    sort's comparison is a strict weak order with NaN), the token's output is NaN over the two layers,
+    and every other token is bit-identical to a run with that token's weights finite."""
+    import kt_kernel
+    from conftest import make_wrapper
+
+    g, u, d, x, ids, w = _inputs()
+    for be in kt_kernel.backends():
+        kt_kernel.set_backend(be)
+        for dd in (1, K):
+            layers = []
+            for idx in (0, 1):
+                wr = make_wrapper(E, K, H, I, "AMXINT8", max_deferred_experts_per_token=dd if idx == 0 else 0)
+                wr.layer_idx = idx
+                wr.load_weights_from_tensors(g, u, d)
+                layers.append(wr)
+            clean = sum(_forward(l, x, ids, w) for l in layers)
+            wb = w.copy()
+            wb[1, :] = np.nan
+            wb[4, 0] = np.nan
+            y = sum(_forward(l, x, ids, wb) for l in layers)
+            for t in range(T):
+                if t in (1, 4):
+                    assert np.isnan(y[t]).all(), f"{be} d={dd}: token {t} has non-NaN outputs"
+                else:
+                    assert _same_bits(y[t], clean[t]), f"{be} d={dd}: token {t} changed"
+    kt_kernel.set_backend("")
