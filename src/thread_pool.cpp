@@ -13,6 +13,11 @@
 // caller_sleeping_) before re-checking its condition under mutex_, and the
 // waker changes the condition before reading the announcement and, if set,
 // takes and releases mutex_ before notifying.
+//
+// Fork: see thread_pool.h. The registry of live pools and the list of
+// ForkHandlers live in one never-destroyed object (a fork can happen while
+// the process runs its static destructors); pthread_atfork is installed when
+// it is made.
 #include "thread_pool.h"
 
 #include <pthread.h>
@@ -23,8 +28,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 
 #include "topology.h"
 
@@ -123,6 +131,127 @@ void invoke_subpool(const void* fn, int queue, size_t task, int thread) {
 
 }  // namespace
 
+// ------------------------------------------------------------------ fork
+struct PoolRegistry {
+  static constexpr int kMaxHandlers = 8;
+  struct Entry {
+    int order;
+    ForkHandlers h;
+  };
+  std::mutex mutex;  // guards the fields below; held across fork() by the prepare handler
+  ThreadPool* head = nullptr;
+  Entry handlers[kMaxHandlers];
+  int num_handlers = 0;  // sorted by order
+  // The handlers one fork runs, copied in prepare (glibc runs the handlers
+  // of concurrent forks one fork at a time).
+  Entry forking[kMaxHandlers];
+  int num_forking = 0;
+  std::atomic<uint64_t> generation{0};
+
+  static PoolRegistry& get() {
+    static PoolRegistry* r = [] {
+      auto* p = new PoolRegistry;
+      if (int rc = pthread_atfork(&PoolRegistry::prepare, &PoolRegistry::parent, &PoolRegistry::child))
+        throw std::system_error(rc, std::generic_category(), "kt_kernel: pthread_atfork");
+      return p;
+    }();
+    return *r;
+  }
+
+  void add(ThreadPool* p) {
+    std::lock_guard<std::mutex> lock(mutex);
+    p->registry_prev_ = nullptr;
+    p->registry_next_ = head;
+    if (head) head->registry_prev_ = p;
+    head = p;
+  }
+  void remove(ThreadPool* p) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (p->registry_prev_) p->registry_prev_->registry_next_ = p->registry_next_;
+    else head = p->registry_next_;
+    if (p->registry_next_) p->registry_next_->registry_prev_ = p->registry_prev_;
+    p->registry_prev_ = p->registry_next_ = nullptr;
+  }
+
+  static void prepare() {
+    PoolRegistry& r = get();
+    {
+      std::lock_guard<std::mutex> lock(r.mutex);
+      r.num_forking = r.num_handlers;
+      std::copy(r.handlers, r.handlers + r.num_handlers, r.forking);
+    }
+    // Outside the registry lock: they wait for work that may make or drop
+    // a pool.
+    for (int i = 0; i < r.num_forking; ++i)
+      if (r.forking[i].h.prepare) r.forking[i].h.prepare();
+    r.mutex.lock();  // no pool is made or destroyed across the fork
+    for (ThreadPool* p = r.head; p; p = p->registry_next_) p->before_fork();
+  }
+  static void parent() {
+    PoolRegistry& r = get();
+    for (ThreadPool* p = r.head; p; p = p->registry_next_) p->after_fork_in_parent();
+    r.mutex.unlock();
+    for (int i = r.num_forking - 1; i >= 0; --i)
+      if (r.forking[i].h.parent) r.forking[i].h.parent();
+  }
+  static void child() {
+    PoolRegistry& r = get();
+    for (ThreadPool* p = r.head; p; p = p->registry_next_) p->after_fork_in_child();
+    new (&r.mutex) std::mutex();  // locked by prepare; this process has no one else to unlock it
+    r.generation.fetch_add(1);
+    for (int i = r.num_forking - 1; i >= 0; --i)
+      if (r.forking[i].h.child) r.forking[i].h.child();
+  }
+};
+
+void add_fork_handlers(int order, const ForkHandlers& h) {
+  PoolRegistry& r = PoolRegistry::get();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  for (int i = 0; i < r.num_handlers; ++i) {
+    const ForkHandlers& e = r.handlers[i].h;
+    if (e.prepare == h.prepare && e.parent == h.parent && e.child == h.child) return;
+  }
+  if (r.num_handlers == PoolRegistry::kMaxHandlers) throw std::length_error("kt_kernel: too many fork handlers");
+  int i = r.num_handlers++;
+  for (; i > 0 && r.handlers[i - 1].order > order; --i) r.handlers[i] = r.handlers[i - 1];
+  r.handlers[i] = PoolRegistry::Entry{order, h};
+}
+
+uint64_t fork_generation() { return PoolRegistry::get().generation.load(); }
+
+void ThreadPool::before_fork() {
+  // A task of this pool calling fork() holds (thread 0) or is part of a job
+  // under dispatch_mutex_: waiting for it would never end. Its child is not
+  // supported (the job's other tasks are lost with the workers).
+  fork_skipped_dispatch_ = t_pool == this;
+  if (!fork_skipped_dispatch_) dispatch_mutex_.lock();  // waits for a job in flight
+  mutex_.lock();  // no worker is inside a sleep or wake-up
+}
+
+void ThreadPool::after_fork_in_parent() {
+  mutex_.unlock();
+  if (!fork_skipped_dispatch_) dispatch_mutex_.unlock();
+}
+
+void ThreadPool::after_fork_in_child() {
+  // The workers are not in this process: drop their handles untouched (a
+  // join would wait forever, and glibc may reuse their thread descriptors
+  // for threads made here). The next job starts new ones.
+  workers_.clear();  // pthread_t: frees nothing, allocates nothing
+  live_workers_.store(0);
+  // Locked by before_fork, and the condition variables may count waiters
+  // that do not exist here: fresh ones (constructing them allocates nothing).
+  new (&mutex_) std::mutex();
+  new (&dispatch_mutex_) std::mutex();
+  new (&wake_) std::condition_variable();
+  new (&done_) std::condition_variable();
+  job_.store(nullptr);
+  busy_workers_.store(0);
+  sleeping_.store(0);
+  caller_sleeping_.store(false);
+  stop_ = false;
+}
+
 // One parallel_for call. Queue q has counts[q] tasks, claimed through
 // counters_[q]; parallel_for uses one queue shared by all threads,
 // parallel_for_subpools one queue per sub-pool.
@@ -154,7 +283,7 @@ std::chrono::nanoseconds ThreadPool::worker_spin_from_env() {
 
 ThreadPool::ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nodes, bool pin,
                        std::chrono::nanoseconds worker_spin)
-    : num_threads_(num_threads), subpool_nodes_(subpool_numa_nodes), worker_spin_ns_(worker_spin.count()) {
+    : num_threads_(num_threads), pin_(pin), subpool_nodes_(subpool_numa_nodes), worker_spin_ns_(worker_spin.count()) {
   if (num_threads_ < 1) throw std::invalid_argument("ThreadPool: num_threads must be >= 1");
   if (subpool_nodes_.empty()) subpool_nodes_.push_back(topology().nodes.front().os_index);
   const size_t n = size_t(num_threads_);
@@ -174,16 +303,49 @@ ThreadPool::ThreadPool(int num_threads, const std::vector<int>& subpool_numa_nod
   if (!pin && sched_getaffinity(0, sizeof(allowed), &allowed) == 0) cpus = std::max(1, CPU_COUNT(&allowed));
   oversubscribed_ = num_threads_ > cpus;
 
-  workers_.reserve(n - 1);
+  workers_.reserve(n - 1);  // never reallocated: a forked child refills it in place
+  // Registered before the workers start, under dispatch_mutex_: a fork
+  // meanwhile waits, and its child sees a pool with no workers.
+  PoolRegistry::get().add(this);
   try {
-    for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this, t, pin] { worker_main(t, pin); });
+    std::lock_guard<std::mutex> dispatch(dispatch_mutex_);
+    start_workers();
   } catch (...) {
+    PoolRegistry::get().remove(this);
     stop_workers();
     throw;
   }
 }
 
-ThreadPool::~ThreadPool() { stop_workers(); }
+ThreadPool::~ThreadPool() {
+  PoolRegistry::get().remove(this);  // waits for a fork in progress
+  stop_workers();
+}
+
+struct ThreadPool::WorkerStart {
+  ThreadPool* pool;
+  int thread;
+  uint64_t seen;  // the generation when it was started: the next one is its first job
+};
+
+void* ThreadPool::worker_entry(void* arg) {
+  std::unique_ptr<WorkerStart> s(static_cast<WorkerStart*>(arg));
+  s->pool->worker_main(s->thread, s->seen);
+  return nullptr;
+}
+
+void ThreadPool::start_workers() {
+  const uint64_t seen = generation_.load();  // no job in flight: the caller holds dispatch_mutex_
+  for (int t = int(workers_.size()) + 1; t < num_threads_; ++t) {
+    auto start = std::make_unique<WorkerStart>(WorkerStart{this, t, seen});
+    pthread_t h;
+    if (int rc = pthread_create(&h, nullptr, &ThreadPool::worker_entry, start.get()))
+      throw std::system_error(rc, std::generic_category(), "kt_kernel: cannot start worker thread " + std::to_string(t));
+    start.release();  // the worker owns it now
+    workers_.push_back(h);  // within the reserved capacity
+    live_workers_.store(int(workers_.size()));
+  }
+}
 
 void ThreadPool::stop_workers() {
   {
@@ -193,17 +355,17 @@ void ThreadPool::stop_workers() {
     generation_.fetch_add(1);
     wake_.notify_all();
   }
-  for (std::thread& w : workers_)
-    if (w.joinable()) w.join();
+  for (pthread_t w : workers_) pthread_join(w, nullptr);
   workers_.clear();
+  live_workers_.store(0);
 }
 
-void ThreadPool::worker_main(int thread, bool pin) {
+void ThreadPool::worker_main(int thread, uint64_t seen) {
   TaskScope scope(this, thread);
   char name[16];
   std::snprintf(name, sizeof(name), "kt-worker-%d", thread);
   pthread_setname_np(pthread_self(), name);
-  if (pin) {
+  if (pin_) {
     const size_t n = size_t(num_threads_);
     const size_t num_sub = subpool_nodes_.size();
     const int s = thread_subpool_[size_t(thread)];
@@ -211,7 +373,6 @@ void ThreadPool::worker_main(int thread, bool pin) {
     pin_current_thread(subpool_nodes_[size_t(s)], thread - first);  // unknown node: stays unpinned
   }
 
-  uint64_t seen = 0;  // no job can have been published before the pool existed
   for (;;) {
     seen = wait_for_next_job(seen);
     Job* job = job_.load(std::memory_order_acquire);
@@ -310,6 +471,9 @@ void ThreadPool::run_job(Job* job) {
   }
 
   std::lock_guard<std::mutex> dispatch(dispatch_mutex_);
+  // A forked child's first job (or one after a failed start): workers come
+  // back here. Throws, publishing nothing, if the system refuses a thread.
+  if (int(workers_.size()) != num_threads_ - 1) start_workers();
   for (int q = 0; q < job->num_queues; ++q) counters_[size_t(q)].next.store(0, std::memory_order_relaxed);
   job_.store(job, std::memory_order_relaxed);
   busy_workers_.store(num_threads_ - 1, std::memory_order_relaxed);

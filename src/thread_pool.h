@@ -12,6 +12,17 @@
 // microseconds), 2 ms unless the environment variable KT_KERNEL_SPIN_US
 // (microseconds, read when the pool is made) says otherwise, then sleep on a
 // condition variable so an idle pool burns no CPU.
+//
+// Fork safety: a forked child has only the thread that called fork(), so
+// every pool's workers are gone there. A process-wide pthread_atfork handler
+// (installed with the first pool) quiesces the pools before fork (waits for a
+// job in flight, holds their locks across it, so the child never sees a lock
+// held or a job half done by a thread it lacks); the child forgets the
+// workers it does not have (never joins or signals them), gets fresh locks,
+// and starts new workers on its first job. Other process-wide threads and
+// locks (the layer queue, the bindings' call count) hook into the same
+// handler through add_fork_handlers, so the order is fixed: theirs quiesce
+// first, since the work they wait for needs the pools.
 #pragma once
 
 #include <atomic>
@@ -21,6 +32,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -45,6 +57,25 @@ class FunctionRef<R(Args...)> {
   void* obj_;
   R (*call_)(void*, Args...);
 };
+
+// Handlers run around fork() with the pools' own (pthread_atfork, one
+// process-wide registration). `order`: prepare handlers run by increasing
+// order, then the pools quiesce; after fork the pools are reset first, then
+// parent/child handlers run by decreasing order. A handler's prepare may wait
+// for work that needs handlers of a higher order or the pools, never the
+// reverse. The bindings' count of calls in progress uses 0, the layer queue
+// 1. At most 8 registrations; the same set twice is registered once. Child
+// handlers run in a process with one thread and must not allocate.
+struct ForkHandlers {
+  void (*prepare)() = nullptr;
+  void (*parent)() = nullptr;
+  void (*child)() = nullptr;
+};
+void add_fork_handlers(int order, const ForkHandlers& h);
+
+// Fork generations seen by this process: 0 until a fork, then +1 in each
+// child (tests).
+uint64_t fork_generation();
 
 class ThreadPool {
  public:
@@ -90,6 +121,9 @@ class ThreadPool {
   // For tests: workers asleep now; sleeps ended by wake() so far.
   int sleeping_workers() const { return sleeping_.load(); }
   uint64_t early_wakeups() const { return early_wakeups_.load(); }
+  // Worker threads running in this process (after a fork: 0 in the child
+  // until its first job starts new ones).
+  int live_workers() const { return live_workers_.load(); }
 
   // Sub-pool s has counts[s] tasks of its own (counts: num_subpools()
   // entries, read during the call). Each thread runs its own sub-pool's
@@ -102,18 +136,34 @@ class ThreadPool {
   struct alignas(64) TaskCounter {
     std::atomic<size_t> next{0};
   };
-  void worker_main(int thread, bool pin);
+  struct WorkerStart;
+  static void* worker_entry(void* start);
+  void worker_main(int thread, uint64_t seen);
+  void start_workers();  // the missing ones; under dispatch_mutex_ or in the constructor
   void run_job(Job* job);
   void do_job_share(Job* job, int thread);
   uint64_t wait_for_next_job(uint64_t seen);
   void wait_for_workers();
   void stop_workers();
+  // pthread_atfork stages (thread_pool.cpp), for every live pool.
+  void before_fork();
+  void after_fork_in_parent();
+  void after_fork_in_child();
+  friend struct PoolRegistry;
 
   int num_threads_;
+  bool pin_;
   std::vector<int> subpool_nodes_;
   std::atomic<int64_t> worker_spin_ns_;
   std::vector<int> thread_subpool_;
-  std::vector<std::thread> workers_;
+  // Raw handles rather than std::thread: after a fork the child drops the
+  // handles of workers it does not have without touching them (a
+  // std::thread could only be joined, detached or abort).
+  std::vector<pthread_t> workers_;
+  std::atomic<int> live_workers_{0};
+  bool fork_skipped_dispatch_ = false;  // before_fork ran on a thread inside this pool's job
+  ThreadPool* registry_prev_ = nullptr;  // live pools, for the fork handler
+  ThreadPool* registry_next_ = nullptr;
 
   std::vector<TaskCounter> counters_;  // one per sub-pool, reset per job
 
