@@ -1,29 +1,88 @@
 #include "moe/layer_queue.h"
 
 #include <chrono>
+#include <new>
 #include <stdexcept>
+#include <string>
+#include <system_error>
+
+#include "thread_pool.h"
 
 namespace kt {
+namespace {
+
+// Set while this thread runs a task (executor or inline): fork's wait for an
+// idle queue must not wait for the caller's own task.
+thread_local bool t_in_task = false;
+
+class InTask {
+ public:
+  InTask() { t_in_task = true; }
+  ~InTask() { t_in_task = false; }
+  InTask(const InTask&) = delete;
+  InTask& operator=(const InTask&) = delete;
+};
+
+// Its prepare runs before the pools quiesce: queued tasks need the pools.
+constexpr int kForkOrderQueue = 1;
+
+}  // namespace
 
 LayerQueue& LayerQueue::instance() {
-  static LayerQueue q;
-  return q;
+  static LayerQueue* q = [] {
+    auto* p = new LayerQueue;  // never destroyed (see layer_queue.h)
+    ForkHandlers h;
+    h.prepare = [] { instance().before_fork(); };
+    h.parent = [] { instance().after_fork_in_parent(); };
+    h.child = [] { instance().after_fork_in_child(); };
+    add_fork_handlers(kForkOrderQueue, h);
+    return p;
+  }();
+  return *q;
 }
 
-LayerQueue::~LayerQueue() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
-  }
-  work_cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+void LayerQueue::before_fork() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  // Tasks never wait for the thread calling fork (which, from Python, holds
+  // the GIL): they all finish.
+  if (!t_in_task) done_cv_.wait(lock, [&] { return !running_ && head_ == nullptr; });
+  lock.release();  // held across fork: nothing is queued or started meanwhile
+}
+
+void LayerQueue::after_fork_in_parent() { mutex_.unlock(); }
+
+void LayerQueue::after_fork_in_child() {
+  // The executor is not in this process: forget it (never join it); the
+  // next push starts one. Fresh locks: this one was held by before_fork, and
+  // the condition variables may count waiters that are not here.
+  new (&mutex_) std::mutex();
+  new (&work_cv_) std::condition_variable();
+  new (&done_cv_) std::condition_variable();
+  started_ = false;
+  thread_ = pthread_t{};
+  thread_id_.store(std::thread::id());
+}
+
+bool LayerQueue::executor_started() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return started_;
+}
+
+bool LayerQueue::wait_idle(std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return done_cv_.wait_until(lock, deadline, [&] { return !running_ && head_ == nullptr; });
 }
 
 void LayerQueue::push(QueuedTask* t) {
   claim(t);
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    enqueue_locked(t);
+    try {
+      enqueue_locked(t);
+    } catch (...) {
+      t->busy.store(0, std::memory_order_release);  // not queued: a wait on it must not block
+      throw;
+    }
   }
   work_cv_.notify_one();
 }
@@ -33,12 +92,22 @@ void LayerQueue::claim(QueuedTask* t) {
     throw std::logic_error("kt_kernel: a layer task was queued again before it finished");
 }
 
+void* LayerQueue::executor_entry(void* queue) {
+  static_cast<LayerQueue*>(queue)->run();
+  return nullptr;
+}
+
+void LayerQueue::start_executor_locked() {
+  pthread_t h;
+  if (int rc = pthread_create(&h, nullptr, &LayerQueue::executor_entry, this))
+    throw std::system_error(rc, std::generic_category(), "kt_kernel: cannot start the layer queue thread");
+  thread_ = h;
+  started_ = true;
+}
+
 void LayerQueue::enqueue_locked(QueuedTask* t) {
   t->next = nullptr;
-  if (!started_) {
-    started_ = true;
-    thread_ = std::thread([this] { run(); });
-  }
+  if (!started_) start_executor_locked();
   if (tail_)
     tail_->next = t;
   else
@@ -52,7 +121,12 @@ bool LayerQueue::run_or_push(QueuedTask* t) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (head_ || running_ || on_executor()) {
-      enqueue_locked(t);
+      try {
+        enqueue_locked(t);
+      } catch (...) {
+        t->busy.store(0, std::memory_order_release);
+        throw;
+      }
       t = nullptr;
     } else {
       running_ = true;
@@ -62,7 +136,10 @@ bool LayerQueue::run_or_push(QueuedTask* t) {
     work_cv_.notify_one();
     return false;
   }
-  t->fn(t->arg);
+  {
+    InTask in_task;
+    t->fn(t->arg);
+  }
   finish(t);
   return true;
 }
@@ -102,15 +179,17 @@ void LayerQueue::run() {
     QueuedTask* t;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      work_cv_.wait(lock, [&] { return !running_ && (stop_ || head_ != nullptr); });
-      if (!head_) return;  // stop requested and nothing left
+      work_cv_.wait(lock, [&] { return !running_ && head_ != nullptr; });
       t = head_;
       queued_.fetch_sub(1, std::memory_order_relaxed);
       head_ = t->next;
       if (!head_) tail_ = nullptr;
       running_ = true;
     }
-    t->fn(t->arg);
+    {
+      InTask in_task;
+      t->fn(t->arg);
+    }
     finish(t);
   }
 }

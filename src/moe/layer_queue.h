@@ -13,9 +13,22 @@
 // Tasks are intrusive, owned by the caller and reused: pushing allocates
 // nothing, so the path a CUDA graph replays (a host function that pushes)
 // is allocation-free.
+//
+// The queue is never destroyed, and its thread is not joined at exit: a
+// static destructor joining it would run whatever is still queued while the
+// other statics those tasks use are being destroyed (and, in a forked child,
+// wait for a thread that is not there). Code that exits with work queued
+// waits for it first (wait_idle; the Python module does so at interpreter
+// exit). Across fork() (ForkHandlers in thread_pool.h): fork waits until the
+// queue is idle and holds its lock, so the child starts with an empty queue;
+// the child's first push starts its own executor. Forking from inside a layer
+// task is not supported.
 #pragma once
 
+#include <pthread.h>
+
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -33,7 +46,8 @@ struct QueuedTask {
 
 class LayerQueue {
  public:
-  // The process-wide queue; its thread starts on the first push.
+  // The process-wide queue; its thread starts on the first push (the first
+  // after a fork, in the child).
   static LayerQueue& instance();
 
   // Queues t (which must not be busy). Never blocks on running work.
@@ -50,12 +64,21 @@ class LayerQueue {
   void wait(QueuedTask* t);
   // True on the executor thread (a task must never wait on a later task).
   bool on_executor() const { return std::this_thread::get_id() == thread_id_.load(); }
-
-  ~LayerQueue();
+  // Blocks until no task is queued or running, or until `deadline`; true if
+  // idle. A task pushed meanwhile is waited for too.
+  bool wait_idle(std::chrono::steady_clock::time_point deadline);
+  // True while the executor thread exists in this process (tests).
+  bool executor_started() const;
 
  private:
   LayerQueue() = default;
+  ~LayerQueue() = default;  // never runs (see the top of this file)
+  static void* executor_entry(void* queue);
   void run();
+  void start_executor_locked();
+  void before_fork();
+  void after_fork_in_parent();
+  void after_fork_in_child();
   void claim(QueuedTask* t);  // marks t busy; throws if it already was
   void enqueue_locked(QueuedTask* t);
   void finish(QueuedTask* t);  // marks t done, lets the next task run
@@ -65,15 +88,14 @@ class LayerQueue {
   static constexpr int kSpinMicros = 200;
 
   std::atomic<int> queued_{0};  // tasks in the list, read while spinning
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::condition_variable work_cv_;  // executor: a task was queued
   std::condition_variable done_cv_;  // waiters: a task finished
   QueuedTask* head_ = nullptr;
   QueuedTask* tail_ = nullptr;
   bool running_ = false;  // a task runs (on the executor or inline); under mutex_
-  bool stop_ = false;
-  bool started_ = false;
-  std::thread thread_;
+  bool started_ = false;  // under mutex_
+  pthread_t thread_{};    // raw: a forked child drops it untouched
   std::atomic<std::thread::id> thread_id_{};
 };
 
