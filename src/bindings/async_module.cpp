@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "bandwidth_probe.h"
+#include "gil_release.h"
 #include "kt_kernel/moe_layer.h"
 #include "moe/async_layer.h"
 #include "moe/cuda_runtime.h"
@@ -32,7 +33,7 @@ struct PyAsync {
   py::object owner;
   std::unique_ptr<AsyncLayer> async;
   ~PyAsync() {
-    py::gil_scoped_release nogil;  // draining may wait for queued work
+    GilRelease nogil;  // draining may wait for queued work
     async.reset();
   }
 };
@@ -72,12 +73,12 @@ void register_async_bindings(py::module_& m) {
   m.def(
       "measure_read_bandwidth",
       [](std::shared_ptr<ThreadPool> pool, size_t bytes, int reps) {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         return measure_read_bandwidth(*pool, bytes, reps);
       },
       py::arg("pool"), py::arg("bytes"), py::arg("reps"), "GB/s reading a buffer on all pool threads (demo probe)");
   m.def("release_async_staging", [] {
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     AsyncLayer::release_shared_staging();
   }, "Drops the process-wide staging sets (after every layer's clear_persistent)");
   m.def("cuda_runtime_loaded", &cuda_runtime_loaded, "True once a CUDA runtime was loaded (a stream was used)");
@@ -102,7 +103,7 @@ void register_async_bindings(py::module_& m) {
              const AsyncSubmitArgs a = submit_args(tokens, x, x_dtype, x_stride, ids, ids_int64, ids_stride, w, w_dtype,
                                                    w_stride, mask, y, y_dtype, y_stride, deferred, counts, persistent,
                                                    use_stream, stream, tokens_device, run_inline);
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.async->submit(a);
            },
            py::arg("tokens"), py::arg("x"), py::arg("x_dtype"), py::arg("x_stride"), py::arg("ids"),
@@ -118,25 +119,25 @@ void register_async_bindings(py::module_& m) {
              const AsyncSubmitArgs a = submit_args(tokens, x, x_dtype, x_stride, ids, ids_int64, ids_stride, w, w_dtype,
                                                    w_stride, mask, y, y_dtype, y_stride, deferred, counts, persistent,
                                                    use_stream, stream, tokens_device, run_inline);
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.async->forward(a, addr<void>(y_out), y_out_stride);
            },
            "submit then sync in one call (the submit's arguments, then sync's y and y_stride)")
       .def("sync",
            [](PyAsync& self, uintptr_t y, size_t y_stride) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.async->sync(addr<void>(y), y_stride);
            },
            py::arg("y"), py::arg("y_stride"))
       .def("drain",
            [](PyAsync& self) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.async->drain();
            },
            "Waits for all of this layer's queued, running or stream-pending work (raises if a submit is pending)")
       .def("wait_idle",
            [](PyAsync& self) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.async->wait_idle();
            },
            "Waits for all of this layer's work, a submit pending or not (its owner is going away)")
@@ -144,7 +145,7 @@ void register_async_bindings(py::module_& m) {
       .def_property_readonly("num_slots", [](PyAsync& self) { return self.async->num_slots(); })
       .def_static("num_staging_sets", &AsyncLayer::num_staging_sets)
       .def("clear_persistent", [](PyAsync& self) {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         self.async->clear_persistent();
       });
 }

@@ -18,6 +18,7 @@
 #include "kt_kernel/cpu_features.h"
 #include "kt_kernel/dispatch.h"
 #include "kt_kernel/moe_layer.h"
+#include "gil_release.h"
 #include "kt_kernel/pack.h"
 #include "thread_pool.h"
 #include "topology.h"
@@ -149,7 +150,7 @@ py::array_t<uint8_t> pack_to_array(int scheme, uint32_t group, py::array_t<float
     throw std::invalid_argument("invalid geometry for this format (empty matrix, or group size not dividing cols)");
   py::array_t<uint8_t> out{py::ssize_t(g.total_bytes)};
   {
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     pack_matrix(to_scheme(scheme), g, w.data(), DType::kF32, g.cols, out.mutable_data());
   }
   return out;
@@ -222,7 +223,7 @@ py::tuple quantize_to_arrays(int scheme, uint32_t group, py::array_t<float, py::
   void* qp = q.mutable_data();
   float* sp = scales.mutable_data();
   {
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     quantize_matrix(s, group, w.data(), rows, cols, cols, search, qp, sp, mins_ptr);
   }
   return py::make_tuple(q, s == QuantScheme::kBF16 ? py::object(py::none()) : py::object(scales), mins);
@@ -294,12 +295,17 @@ PYBIND11_MODULE(_kt_kernel, m) {
     limits["max_threads"] = kMaxPoolThreads;
     m.attr("LIMITS") = limits;
   }
+  py_calls::install_fork_handlers();
+  m.def("_prepare_exit", &py_calls::prepare_for_exit, py::arg("timeout_s"),
+        "Interpreter exit (kt_kernel registers it with atexit): parks other threads as they enter or leave the "
+        "library, waits up to timeout_s for calls in progress and queued layer work; True if all finished");
+  m.def("_fork_generation", &fork_generation, "0 in a process that was not forked, +1 per fork (tests)");
   m.def(
       "phase_times",
       [](bool reset) {
         LayerPhaseTimes t;
         {
-          py::gil_scoped_release nogil;  // waits for a running layer
+          GilRelease nogil;  // waits for a running layer
           t = layer_phase_times(reset);
         }
         static const char* names[kNumPhases] = {"routing", "encode_x", "gate_up", "encode_h", "down", "combine"};
@@ -341,6 +347,8 @@ PYBIND11_MODULE(_kt_kernel, m) {
       .def_property_readonly("num_threads", &ThreadPool::num_threads)
       .def_property_readonly("num_subpools", &ThreadPool::num_subpools)
       .def_property_readonly("numa_nodes", &ThreadPool::subpool_numa_nodes)
+      .def_property_readonly("live_workers", &ThreadPool::live_workers,
+                             "Worker threads running in this process (0 in a forked child until its first job)")
       .def_property(
           "worker_spin_us", [](const ThreadPool& p) { return double(p.worker_spin().count()) / 1e3; },
           [](ThreadPool& p, double us) {
@@ -351,7 +359,7 @@ PYBIND11_MODULE(_kt_kernel, m) {
       .def("wake", &ThreadPool::wake, "Gets sleeping workers spinning ahead of a job (a layer call about to start)")
       .def("run_empty_jobs", [](ThreadPool& p, size_t n) {
         // Dispatch-latency probe for the bench: n empty jobs of one task per thread.
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         for (size_t i = 0; i < n; ++i) p.parallel_for(size_t(p.num_threads()), [](size_t, int) {});
       });
 
@@ -381,7 +389,7 @@ PYBIND11_MODULE(_kt_kernel, m) {
       .def("load_dense",
            [](PyMoe& self, uintptr_t gate, uintptr_t up, uintptr_t down, int dtype, uint32_t num_logical,
               uintptr_t map, uintptr_t load_mask) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.layer->load_dense(ptr<void>(gate), ptr<void>(up), ptr<void>(down), to_dtype(dtype), num_logical,
                                     map ? ptr<int64_t>(map) : nullptr, load_mask ? ptr<uint8_t>(load_mask) : nullptr);
            })
@@ -404,25 +412,25 @@ PYBIND11_MODULE(_kt_kernel, m) {
              a.y = reinterpret_cast<void*>(y);
              a.y_dtype = to_dtype(y_dtype);
              a.y_stride = y_stride;
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.layer->forward(a);
            })
       .def("allocate",
            [](PyMoe& self) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.layer->allocate();
            })
       .def("load_expert_quantized",
            [](PyMoe& self, uint32_t slot, std::vector<uintptr_t> gate, std::vector<uintptr_t> up,
               std::vector<uintptr_t> down) {
              const auto g = quantized_ref(gate), u = quantized_ref(up), d = quantized_ref(down);
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.layer->load_expert_quantized(slot, g, u, d);
            })
       .def("load_expert_dense",
            [](PyMoe& self, uint32_t slot, uintptr_t gate, uintptr_t up, uintptr_t down, int dtype) {
              const DType dt = to_dtype(dtype);
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              self.layer->load_expert_dense(slot, ptr<void>(gate), ptr<void>(up), ptr<void>(down), dt);
            })
       .def("slot_loaded", [](PyMoe& self, uint32_t s) { return self.layer->slot_loaded(s); })
