@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moe/layer_queue.h"
+#include "test_support.h"
 
 namespace kt {
 namespace {
@@ -174,6 +175,39 @@ TEST(LayerQueue, InlineAndQueuedTasksNeverOverlap) {
   }
   // Whether each ran inline or queued is up to timing; the count is for the log.
   std::printf("run_or_push ran %d of %d tasks inline\n", ran_inline, kN);
+}
+
+// Fork: the executor is not in the child; the child's first push starts its
+// own, and tasks queued in the parent before the fork ran before it (fork
+// waits for an idle queue).
+TEST(LayerQueue, ForkedChildStartsItsOwnExecutor) {
+  Recorder rec;
+  std::vector<Item> items(6);
+  for (int i = 0; i < 6; ++i) {
+    items[i].task.fn = &run_item;
+    items[i].task.arg = &items[i];
+    items[i].rec = &rec;
+    items[i].id = i;
+    items[i].sleep_us = 300;
+  }
+  for (auto& it : items) LayerQueue::instance().push(&it.task);  // still running at the fork
+  const int code = test::run_in_forked_child([&] {
+    if (rec.order.size() != 6 || LayerQueue::instance().executor_started()) return false;
+    Recorder child_rec;
+    Item again;
+    again.task.fn = &run_item;
+    again.task.arg = &again;
+    again.rec = &child_rec;
+    again.id = 7;
+    LayerQueue::instance().push(&again.task);
+    LayerQueue::instance().wait(&again.task);
+    return child_rec.order == std::vector<int>{7} && LayerQueue::instance().executor_started() &&
+           LayerQueue::instance().wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  });
+  EXPECT_EQ(code, 0);
+  LayerQueue::instance().wait(&items.back().task);
+  EXPECT_EQ(rec.order, (std::vector<int>{0, 1, 2, 3, 4, 5}));
+  EXPECT_TRUE(LayerQueue::instance().executor_started());
 }
 
 }  // namespace

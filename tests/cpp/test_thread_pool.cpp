@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "test_support.h"
 #include "thread_pool.h"
 #include "topology.h"
 
@@ -386,6 +387,67 @@ TEST(ThreadPool, CreateAndDestroyRepeatedly) {
     pool.parallel_for(size_t(i), [&](size_t, int) { ran.fetch_add(1); });
     EXPECT_EQ(ran.load(), i);
   }
+}
+
+// Fork: the child has none of the parent's workers; it must neither wait for
+// them nor join them, and its first job starts its own.
+TEST(ThreadPool, ForkedChildRunsJobsOnItsOwnWorkers) {
+  auto pool = std::make_unique<ThreadPool>(3, std::vector<int>{first_node()}, false);
+  std::atomic<int> sum{0};
+  pool->parallel_for(64, [&](size_t t, int) { sum += int(t); });
+  ASSERT_EQ(sum.load(), 63 * 64 / 2);
+  const uint64_t gen = fork_generation();
+  const int code = test::run_in_forked_child([&] {
+    if (pool->live_workers() != 0 || fork_generation() != gen + 1) return false;
+    HitCounter hits(257);
+    pool->parallel_for(hits.hits.size(), [&](size_t t, int th) {
+      hits.hits[t]++;
+      if (th < 0 || th >= 3) hits.bad_thread++;
+    });
+    for (auto& h : hits.hits)
+      if (h.load() != 1) return false;
+    if (hits.bad_thread.load() || pool->live_workers() != 2) return false;
+    ThreadPool fresh(2, {first_node()}, false);  // made and destroyed in the child
+    fresh.parallel_for(8, [](size_t, int) {});
+    pool.reset();  // joins the child's own workers only
+    return true;
+  });
+  EXPECT_EQ(code, 0);
+  ASSERT_TRUE(pool);
+  EXPECT_EQ(pool->live_workers(), 2);
+  sum = 0;
+  pool->parallel_for(64, [&](size_t t, int) { sum += int(t); });
+  EXPECT_EQ(sum.load(), 63 * 64 / 2);
+  // A child that never uses the pool destroys it without waiting for anyone.
+  EXPECT_EQ(test::run_in_forked_child([&] {
+              pool.reset();
+              return true;
+            }),
+            0);
+}
+
+TEST(ThreadPool, ForkWaitsForAJobInFlightOnAnotherThread) {
+  ThreadPool pool(2, {first_node()}, false);
+  std::atomic<bool> started{false};
+  std::atomic<int> ran{0};
+  std::thread caller([&] {
+    pool.parallel_for(40, [&](size_t, int) {
+      started = true;
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+      ++ran;
+    });
+  });
+  while (!started.load()) std::this_thread::yield();
+  // Forks while the job runs (or just after): the fork waits for it, so the
+  // child's pool has no job half done and no lock held.
+  const int code = test::run_in_forked_child([&] {
+    std::atomic<int> n{0};
+    pool.parallel_for(16, [&](size_t, int) { ++n; });
+    return n.load() == 16 && ran.load() == 40;
+  });
+  caller.join();
+  EXPECT_EQ(code, 0);
+  EXPECT_EQ(ran.load(), 40);
 }
 
 }  // namespace
