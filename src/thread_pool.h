@@ -15,7 +15,7 @@
 //
 // Fork safety: a forked child has only the thread that called fork(), so
 // every pool's workers are gone there. A process-wide pthread_atfork handler
-// (installed with the first pool) quiesces the pools before fork (waits for a
+// (installed once, with the first pool or ForkHandlers) quiesces the pools before fork (waits for a
 // job in flight, holds their locks across it, so the child never sees a lock
 // held or a job half done by a thread it lacks); the child forgets the
 // workers it does not have (never joins or signals them), gets fresh locks,
@@ -25,6 +25,8 @@
 // first, since the work they wait for needs the pools.
 #pragma once
 
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -32,7 +34,6 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
-#include <pthread.h>
 #include <thread>
 #include <type_traits>
 #include <vector>
