@@ -181,6 +181,7 @@ TEST(LayerQueue, InlineAndQueuedTasksNeverOverlap) {
 // own, and tasks queued in the parent before the fork ran before it (fork
 // waits for an idle queue).
 TEST(LayerQueue, ForkedChildStartsItsOwnExecutor) {
+  if (!test::kForkTestsSupported) GTEST_SKIP() << "ThreadSanitizer does not start threads after a multi-threaded fork";
   Recorder rec;
   std::vector<Item> items(6);
   for (int i = 0; i < 6; ++i) {

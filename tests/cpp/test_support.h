@@ -26,6 +26,20 @@ inline std::vector<float> normal_floats(size_t n, uint32_t seed, float sigma = 1
   return normal_floats(rng, n, sigma);
 }
 
+// ThreadSanitizer refuses to start threads in the child of a multi-threaded
+// fork (die_after_fork), which is what the fork tests check: they skip there.
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kForkTestsSupported = false;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kForkTestsSupported = false;
+#else
+constexpr bool kForkTestsSupported = true;
+#endif
+#else
+constexpr bool kForkTestsSupported = true;
+#endif
+
 // Forks; the child runs body() under a 30 s alarm and leaves with _exit(0)
 // if it returned true, else 1 (gtest assertions in a child report nothing).
 // Returns the child's exit code, or 128 + the signal that ended it (SIGALRM:

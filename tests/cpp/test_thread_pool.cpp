@@ -392,6 +392,7 @@ TEST(ThreadPool, CreateAndDestroyRepeatedly) {
 // Fork: the child has none of the parent's workers; it must neither wait for
 // them nor join them, and its first job starts its own.
 TEST(ThreadPool, ForkedChildRunsJobsOnItsOwnWorkers) {
+  if (!test::kForkTestsSupported) GTEST_SKIP() << "ThreadSanitizer does not start threads after a multi-threaded fork";
   auto pool = std::make_unique<ThreadPool>(3, std::vector<int>{first_node()}, false);
   std::atomic<int> sum{0};
   pool->parallel_for(64, [&](size_t t, int) { sum += int(t); });
@@ -427,6 +428,7 @@ TEST(ThreadPool, ForkedChildRunsJobsOnItsOwnWorkers) {
 }
 
 TEST(ThreadPool, ForkWaitsForAJobInFlightOnAnotherThread) {
+  if (!test::kForkTestsSupported) GTEST_SKIP() << "ThreadSanitizer does not start threads after a multi-threaded fork";
   ThreadPool pool(2, {first_node()}, false);
   std::atomic<bool> started{false};
   std::atomic<int> ran{0};
