@@ -231,6 +231,20 @@ def test_fork_while_another_thread_holds_a_wrapper_call():
     '''), expect_out="0 True True")
 
 
+def test_fork_child_forwards_torch_tensors():
+    # A server's shape: torch tensors, torch ops in the parent. (torch's own CPU ops in such a child hang
+    # in its OpenMP pool, with or without kt_kernel: PyTorch's limitation, not exercised here.)
+    pytest.importorskip("torch")
+    assert_clean(*run('''
+        import torch
+        wr = layer(0)
+        x, ids, w = (torch.from_numpy(a) for a in inputs(T=8))
+        ref = wr.forward(x, ids, w)
+        torch.mm(torch.randn(128, 128), torch.randn(128, 128))
+        print(in_child(lambda: torch.equal(wr.forward(x, ids, w), ref) and torch.equal(wr.forward(x, ids, w), ref)))
+    '''), expect_out="0")
+
+
 # ------------------------------------------------------------------- exit
 @pytest.mark.parametrize("case", ["one_pending", "consumer_pending", "two_pending"])
 def test_exit_with_submits_pending(case):
