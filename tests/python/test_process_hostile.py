@@ -50,7 +50,8 @@ def inputs(T=5, seed=1):
 def layer(idx=0, d=None, threads=2, seed=None, load=True):
     wr = kt_kernel.KTMoEWrapper(layer_idx=idx, num_experts=E, num_experts_per_tok=K, hidden_size=H,
                                 moe_intermediate_size=I, cpuinfer_threads=threads, threadpool_count=1,
-                                numa_nodes=[0], method="AMXINT8", max_deferred_experts_per_token=d)
+                                numa_nodes=[0], method="AMXINT8", max_deferred_experts_per_token=d,
+                                gpu_experts_mask=np.zeros(E, bool))  # a NumPy mask: no torch import (2 s)
     if load:
         wr.load_weights_from_tensors(*weights(idx if seed is None else seed))
     return wr
@@ -238,6 +239,7 @@ def test_fork_child_forwards_torch_tensors():
     assert_clean(*run('''
         import torch
         wr = layer(0)
+        wr.gpu_experts_mask = torch.zeros(E, dtype=torch.bool)  # what a server's wrapper holds
         x, ids, w = (torch.from_numpy(a) for a in inputs(T=8))
         ref = wr.forward(x, ids, w)
         torch.mm(torch.randn(128, 128), torch.randn(128, 128))
