@@ -1,12 +1,16 @@
 // The ordered layer queue: FIFO on one executor thread, push never blocks,
 // wait returns once the task ran, a task can be requeued after it finished;
 // run_or_push runs a task on the caller's thread only when the queue is idle,
-// and never alongside another task.
+// and never alongside another task. No assertion depends on timing: where a
+// test needs the queue busy, a task holds the executor at a gate until the
+// test opens it.
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -16,65 +20,84 @@
 namespace kt {
 namespace {
 
+// Holds the task that calls hold() until the test calls open(). The wait is
+// bounded only so that a queue that wrongly waits for its tasks (push
+// blocking until the held task ran) fails the test instead of hanging it:
+// the hold then ends by itself, passed() turns true before the test's check,
+// and timed_out() says why. Its length is not a property under test.
+class Gate {
+ public:
+  void hold() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return open_; })) timed_out_ = true;
+    passed_.store(true);
+  }
+  void open() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+  bool passed() const { return passed_.load(); }
+  bool timed_out() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return timed_out_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool open_ = false;
+  bool timed_out_ = false;
+  std::atomic<bool> passed_{false};
+};
+
 struct Recorder {
   std::vector<int> order;
   std::thread::id thread;
   bool same_thread = true;
+  std::atomic<int> ran{0};  // read by the test while tasks may run
 };
 
 struct Item {
   QueuedTask task;
   Recorder* rec = nullptr;
   int id = 0;
-  int sleep_us = 0;
+  Gate* gate = nullptr;  // held here before the task records itself
 };
 
 void run_item(void* arg) {
   Item& it = *static_cast<Item*>(arg);
-  if (it.sleep_us) std::this_thread::sleep_for(std::chrono::microseconds(it.sleep_us));
+  if (it.gate) it.gate->hold();
   if (it.rec->order.empty())
     it.rec->thread = std::this_thread::get_id();
   else if (it.rec->thread != std::this_thread::get_id())
     it.rec->same_thread = false;
   it.rec->order.push_back(it.id);
+  it.rec->ran.fetch_add(1);
 }
 
 TEST(LayerQueue, RunsTasksFirstInFirstOutOnOneThread) {
   Recorder rec;
+  Gate gate;
   std::vector<Item> items(500);
   for (int i = 0; i < 500; ++i) {
     items[i].rec = &rec;
     items[i].id = i;
-    items[i].sleep_us = i % 50 == 0 ? 200 : 0;
     items[i].task.fn = &run_item;
     items[i].task.arg = &items[i];
   }
-  // Pushing does not wait for queued work: the first task holds the queue
-  // until every push has returned (and gives up after 30 s, so a push that
-  // waited fails the test rather than hanging it). No clock is asserted on.
-  std::atomic<bool> all_pushed{false}, gave_up{false};
-  struct Gate {
-    QueuedTask task;
-    std::atomic<bool>* open;
-    std::atomic<bool>* gave_up;
-  } gate{{}, &all_pushed, &gave_up};
-  gate.task.fn = [](void* arg) {
-    Gate& g = *static_cast<Gate*>(arg);
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!g.open->load()) {
-      if (std::chrono::steady_clock::now() > until) {
-        g.gave_up->store(true);
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-    }
-  };
-  gate.task.arg = &gate;
-  LayerQueue::instance().push(&gate.task);
+  items[0].gate = &gate;
   for (auto& it : items) LayerQueue::instance().push(&it.task);
-  all_pushed = true;
+  // Every push returned while the first task was still held: push does not
+  // wait for queued or running work, and nothing behind the first task ran.
+  EXPECT_FALSE(gate.passed());
+  EXPECT_EQ(rec.ran.load(), 0);
+  for (auto& it : items) EXPECT_EQ(it.task.busy.load(), 1);
+  gate.open();
   LayerQueue::instance().wait(&items.back().task);
-  EXPECT_FALSE(gave_up.load()) << "a push waited for queued work";
+  EXPECT_FALSE(gate.timed_out());
   for (auto& it : items) EXPECT_EQ(it.task.busy.load(), 0);
   ASSERT_EQ(rec.order.size(), 500u);
   for (int i = 0; i < 500; ++i) EXPECT_EQ(rec.order[i], i);
@@ -84,15 +107,19 @@ TEST(LayerQueue, RunsTasksFirstInFirstOutOnOneThread) {
 
 TEST(LayerQueue, RequeueAfterWaitAndRejectRequeueWhileBusy) {
   Recorder rec;
+  Gate gate;
   Item it;
   it.rec = &rec;
-  it.sleep_us = 20000;
+  it.gate = &gate;
   it.task.fn = &run_item;
   it.task.arg = &it;
   LayerQueue::instance().push(&it.task);
+  // Held at the gate, so certainly still busy.
   EXPECT_THROW(LayerQueue::instance().push(&it.task), std::logic_error);
+  gate.open();
   LayerQueue::instance().wait(&it.task);
-  it.sleep_us = 0;
+  EXPECT_FALSE(gate.timed_out());
+  it.gate = nullptr;
   for (int i = 0; i < 100; ++i) {
     it.id = i;
     LayerQueue::instance().push(&it.task);
@@ -111,6 +138,7 @@ struct Guarded {
   std::vector<int>* order = nullptr;
   int id = 0;
   int sleep_us = 0;
+  Gate* gate = nullptr;  // held here before the task runs
   std::thread::id ran_on;
 };
 
@@ -120,6 +148,7 @@ void run_guarded(void* arg) {
   int seen = g_max_active.load();
   while (now > seen && !g_max_active.compare_exchange_weak(seen, now)) {
   }
+  if (g.gate) g.gate->hold();
   if (g.sleep_us) std::this_thread::sleep_for(std::chrono::microseconds(g.sleep_us));
   g.ran_on = std::this_thread::get_id();
   if (g.order) g.order->push_back(g.id);
@@ -148,14 +177,19 @@ TEST(LayerQueue, RunOrPushRunsOnTheCallerWhenIdle) {
 
 TEST(LayerQueue, RunOrPushQueuesBehindRunningWork) {
   std::vector<int> order;
+  Gate gate;
   Guarded slow, next;
-  init_guarded(&slow, &order, 1, 20000);
+  init_guarded(&slow, &order, 1, 0);
   init_guarded(&next, &order, 2, 0);
+  slow.gate = &gate;
   g_max_active = 0;
   LayerQueue::instance().push(&slow.task);
-  // slow is queued or running for 20 ms: next must go behind it.
+  // slow is queued or held at the gate: next must go behind it.
   EXPECT_FALSE(LayerQueue::instance().run_or_push(&next.task));
+  EXPECT_FALSE(gate.passed());
+  gate.open();
   LayerQueue::instance().wait(&next.task);
+  EXPECT_FALSE(gate.timed_out());
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
   EXPECT_NE(next.ran_on, std::this_thread::get_id());
   EXPECT_EQ(g_max_active.load(), 1);
