@@ -65,11 +65,13 @@ struct Item {
   Recorder* rec = nullptr;
   int id = 0;
   Gate* gate = nullptr;  // held here before the task records itself
+  int sleep_us = 0;      // keeps the queue busy a while (the fork test: work still running at the fork)
 };
 
 void run_item(void* arg) {
   Item& it = *static_cast<Item*>(arg);
   if (it.gate) it.gate->hold();
+  if (it.sleep_us) std::this_thread::sleep_for(std::chrono::microseconds(it.sleep_us));
   if (it.rec->order.empty())
     it.rec->thread = std::this_thread::get_id();
   else if (it.rec->thread != std::this_thread::get_id())
