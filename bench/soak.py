@@ -251,7 +251,7 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=100_000)
     p.add_argument("--cycles", type=int, default=1000)
     p.add_argument("--threads", type=csv(int), default=[1, 2, 3], help="cpuinfer_threads counts compared")
-    p.add_argument("--pools", type=csv(int), default=[1],
+    p.add_argument("--pools", type=csv(int), default=[1, 2],
                    help="threadpool_count values compared (numa_nodes all 0; a value this build refuses is listed)")
     p.add_argument("--backends", type=csv(str), default=None, help="default: kt_kernel.backends()")
     p.add_argument("--settings", type=csv(str), default=list(SETTINGS), help=f"of {','.join(SETTINGS)}")

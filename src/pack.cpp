@@ -21,12 +21,23 @@
 namespace kt {
 namespace {
 
+// Element i of a dense source that may be unaligned: tensors in a
+// safetensors or GGUF file sit at whatever offset the file gives them, and
+// an access through a misaligned typed pointer is undefined behaviour (UBSan
+// flags it); memcpy compiles to a plain load.
+template <typename T>
+T load_unaligned(const void* src, size_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const uint8_t*>(src) + i * sizeof(T), sizeof(T));
+  return v;
+}
+
 float load_elem(const void* src, DType dt, size_t i) {
   switch (dt) {
-    case DType::kF32: return static_cast<const float*>(src)[i];
-    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
-    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
-    case DType::kF64: return float(static_cast<const double*>(src)[i]);
+    case DType::kF32: return load_unaligned<float>(src, i);
+    case DType::kF16: return f16_to_f32(load_unaligned<uint16_t>(src, i));
+    case DType::kBF16: return bf16_to_f32(load_unaligned<uint16_t>(src, i));
+    case DType::kF64: return float(load_unaligned<double>(src, i));
   }
   return 0.0f;
 }

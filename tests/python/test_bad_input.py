@@ -145,3 +145,25 @@ def test_bad_spin_setting_is_refused_when_the_pool_is_made(monkeypatch, value):
     finally:
         monkeypatch.delenv("KT_KERNEL_SPIN_US")
         kt_kernel._pool.reset_pool_for_tests()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_unaligned_dense_weights_load_like_aligned_ones(dtype):
+    """Tensors in a safetensors or GGUF file sit at whatever byte offset the file gives them: a source
+    misaligned for its dtype loads exactly like an aligned copy (the packer reads it with unaligned
+    loads; a typed access is undefined behaviour, which the UBSan run of this suite would flag)."""
+    E, K, H, I = 4, 2, 64, 64
+    dense = [a.astype(dtype) for a in make_weights(E, H, I, seed=9)]
+
+    def misaligned(a):
+        buf = np.zeros(a.nbytes + 1, np.uint8)
+        v = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+        v[...] = a
+        assert v.ctypes.data % a.itemsize
+        return v
+
+    aligned, shifted = make_wrapper(E, K, H, I, "AMXINT8"), make_wrapper(E, K, H, I, "AMXINT8")
+    aligned.load_weights_from_tensors(*dense)
+    shifted.load_weights_from_tensors(*[misaligned(a) for a in dense])
+    x = make_inputs(3, H, E, K)
+    assert np.array_equal(np.array(aligned.forward(*x)), np.array(shifted.forward(*x)))
