@@ -10,11 +10,12 @@ process (the host's state moves between runs, not between neighbouring
 calls), fresh random routing and hidden state every call:
   forward  KTMoEWrapper.forward (its short path for CPU torch tensors and
            NumPy arrays);
-  full     the full path of _async.submit + _async.sync, run inline, which is
-           what forward() ran before the short path and still runs for other
-           inputs (capture batch sizes, unusual layouts, bad arguments);
+  full     the full path (_async.forward: the argument descriptions, then
+           submit + sync in one native call, run inline), which forward()
+           still runs for other inputs (capture batch sizes, unusual layouts,
+           bad arguments);
   forward-np, full-np  the same two with NumPy arrays (fp32 hidden state);
-  native   the native submit + sync with the arguments prepared beforehand:
+  native   the native forward (submit + sync) with the arguments prepared beforehand:
            the floor, the layer's own work plus the binding.
 Prints the median microseconds per call of each and the differences.
 The default layer is moe_bench's tiny one (8 experts, H 256, I 128), so its
@@ -71,15 +72,13 @@ def main() -> None:
         wr._pool.wake()
         weights = w_np if isinstance(x, np.ndarray) else w
         with wr._lock:
-            _async.submit(wr, x, ids, weights, 0, run_inline=True)
-            return _async.sync(wr, x, 0)
+            return _async.forward(wr, x, ids, weights, 0)
 
     def native(x, ids):
         nat = _async._native(wr)
-        nat.submit(1, x.data_ptr(), FLOAT_CODES["bfloat16"], H, ids.data_ptr(), True, k, w.data_ptr(),
-                   FLOAT_CODES["float32"], k, wr._mask_ptr(), y_native.data_ptr(), FLOAT_CODES["bfloat16"], H, 0, 0,
-                   False, False, 0, 0, True)
-        nat.sync(0, 0)
+        nat.forward(1, x.data_ptr(), FLOAT_CODES["bfloat16"], H, ids.data_ptr(), True, k, w.data_ptr(),
+                    FLOAT_CODES["float32"], k, wr._mask_ptr(), y_native.data_ptr(), FLOAT_CODES["bfloat16"], H, 0, 0,
+                    False, False, 0, 0, True, 0, 0)
 
     ways = {"forward": lambda x, ids: wr.forward(x, ids, w), "full": full,
             "forward-np": lambda x, ids: wr.forward(x, ids, w_np), "full-np": full, "native": native}
