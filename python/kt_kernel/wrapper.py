@@ -308,8 +308,10 @@ class KTMoEWrapper:
         """Quantises and packs all experts from dense bf16/fp16/fp32 weights.
 
         gate_proj, up_proj: [E_logical, I, H]; down_proj: [E_logical, H, I].
-        physical_to_logical_map: int64 [num_experts]; slot s computes logical
-        expert map[s]. None = identity (then E_logical == num_experts).
+        physical_to_logical_map: int64 [num_experts] (a longer map, an EPLB table
+        with redundant slots, gives its first num_experts entries); slot s
+        computes logical expert map[s]. None = identity (then E_logical ==
+        num_experts).
         """
         I, H = self.moe_intermediate_size, self.hidden_size
         g = describe(gate_proj, "gate_proj", dtypes=_FLOAT_DTYPES, ndim=3, shape=(None, I, H), contiguous="full")
@@ -322,13 +324,7 @@ class KTMoEWrapper:
             raise ValueError("gate_proj: no experts")
         map_ptr, keep = 0, None
         if physical_to_logical_map is not None:
-            m = describe(physical_to_logical_map, "physical_to_logical_map", dtypes=("int64", "int32"), ndim=1,
-                         shape=(self.num_experts,), contiguous="full")
-            keep = np.ascontiguousarray(np.asarray(_to_numpy(m.obj), dtype=np.int64))
-            bad = (keep < 0) | (keep >= n_logical)
-            if bad.any():
-                s = int(np.argmax(bad))
-                raise ValueError(f"physical_to_logical_map[{s}] = {int(keep[s])} is outside [0, {n_logical})")
+            keep = _physical_to_logical(physical_to_logical_map, self.num_experts, n_logical)
             map_ptr = keep.ctypes.data
         elif n_logical != self.num_experts:
             raise ValueError(f"gate_proj has {n_logical} experts but num_experts is {self.num_experts}; "
@@ -493,6 +489,20 @@ class KTMoEWrapper:
     def packed_bytes(self) -> int:
         """Bytes of packed expert weights held in RAM by this layer."""
         return int(self._layer.packed_bytes)
+
+
+def _physical_to_logical(obj: Any, num_slots: int, num_logical: int) -> np.ndarray:
+    """The logical expert of each of num_slots slots, as contiguous int64. A map longer than num_slots (an
+    EPLB table with redundant slots) gives its first num_slots entries, as kt-kernel reads it."""
+    m = describe(obj, "physical_to_logical_map", dtypes=("int64", "int32"), ndim=1, contiguous="full")
+    if m.shape[0] < num_slots:
+        raise ValueError(f"physical_to_logical_map has {m.shape[0]} entries, fewer than num_experts ({num_slots})")
+    logical = np.ascontiguousarray(np.asarray(_to_numpy(m.obj), dtype=np.int64)[:num_slots])
+    bad = (logical < 0) | (logical >= num_logical)
+    if bad.any():
+        s = int(np.argmax(bad))
+        raise ValueError(f"physical_to_logical_map[{s}] = {int(logical[s])} is outside [0, {num_logical})")
+    return logical
 
 
 def _to_numpy(obj: Any) -> np.ndarray:

@@ -64,8 +64,10 @@ def test_bad_weights():
         wr.load_weights_from_tensors(g.tolist(), u, d)
     with pytest.raises(ValueError, match=r"physical_to_logical_map\[1\] = 9"):
         wr.load_weights_from_tensors(g, u, d, np.array([0, 9, 1, 2, 3, 4], np.int64))
-    with pytest.raises(ValueError, match="physical_to_logical_map: dimension 0"):
-        wr.load_weights_from_tensors(g, u, d, np.arange(E + 1, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"physical_to_logical_map has 5 entries, fewer than num_experts \(6\)"):
+        wr.load_weights_from_tensors(g, u, d, np.arange(E - 1, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"physical_to_logical_map: expected 1-D, got shape \[6, 1\]"):
+        wr.load_weights_from_tensors(g, u, d, np.zeros((E, 1), np.int64))
     with pytest.raises(ValueError, match="pass physical_to_logical_map"):
         wr.load_weights_from_tensors(g[:4], u[:4], d[:4])
     with pytest.raises(ValueError, match="tensor on device 'meta'"):
@@ -167,3 +169,16 @@ def test_unaligned_dense_weights_load_like_aligned_ones(dtype):
     shifted.load_weights_from_tensors(*[misaligned(a) for a in dense])
     x = make_inputs(3, H, E, K)
     assert np.array_equal(np.array(aligned.forward(*x)), np.array(shifted.forward(*x)))
+
+
+def test_physical_to_logical_map_longer_than_num_experts_uses_its_first_entries():
+    """An EPLB table with redundant slots (SGLang passes its whole row): the first num_experts entries
+    are the slots' experts, as kt-kernel reads it (SGLANG_CONTRACT.md section 3, item 8)."""
+    E, K, H, I = 4, 2, 64, 64
+    g, u, d = make_weights(6, H, I, seed=3)
+    full = np.array([5, 0, 3, 1, 2, 4, 0], np.int64)
+    a, b = make_wrapper(E, K, H, I, "AMXINT8"), make_wrapper(E, K, H, I, "AMXINT8")
+    a.load_weights_from_tensors(g, u, d, full)
+    b.load_weights_from_tensors(g, u, d, full[:E].copy())
+    x = make_inputs(5, H, E, K)
+    assert np.array_equal(np.array(a.forward(*x)), np.array(b.forward(*x)))

@@ -135,8 +135,7 @@ class ConvertedLayer:
 
 
 def _slot_plan(wrapper, physical_to_logical_map: Any, num_logical: int):
-    from ..wrapper import _to_numpy
-    from .._tensors import describe
+    from ..wrapper import _physical_to_logical, _to_numpy
 
     E = wrapper.num_experts
     if physical_to_logical_map is None:
@@ -145,13 +144,7 @@ def _slot_plan(wrapper, physical_to_logical_map: Any, num_logical: int):
                              "pass physical_to_logical_map")
         logical = np.arange(E, dtype=np.int64)
     else:
-        m = describe(physical_to_logical_map, "physical_to_logical_map", dtypes=("int64", "int32"), ndim=1,
-                     shape=(E,), contiguous="full")
-        logical = np.asarray(_to_numpy(m.obj), dtype=np.int64)
-        bad = (logical < 0) | (logical >= num_logical)
-        if bad.any():
-            s = int(np.argmax(bad))
-            raise ValueError(f"physical_to_logical_map[{s}] = {int(logical[s])} is outside [0, {num_logical})")
+        logical = _physical_to_logical(physical_to_logical_map, E, num_logical)
     mask = np.asarray(_to_numpy(wrapper.gpu_experts_mask), dtype=bool).reshape(-1)
     return logical, mask
 
