@@ -8,7 +8,8 @@
 #         asan-cpp  ctest under ASan + UBSan (build/asan)
 #         asan-py   the Python suite under ASan + UBSan, importing the module
 #                   of build/asan (staged in build/asan/py), not the installed one
-#         tsan      the thread-pool, topology and layer-queue tests under TSan (build/tsan)
+#         tsan      the thread-pool, topology, layer-queue and multi-sub-pool MoE layer tests
+#                   under TSan (build/tsan)
 #       Any finding fails the run (UBSan does not recover; ASan and TSan halt).
 #   KT_TEST_SKIP_SETUP=1 skips scripts/setup.sh.
 set -euo pipefail
@@ -99,9 +100,9 @@ if want asan-py; then
 fi
 
 if want tsan; then
-  echo "== TSan build (build/tsan) and the pool, topology and queue tests"
+  echo "== TSan build (build/tsan): the pool, topology and queue tests, and the MoE layer over two sub-pools"
   configure build/tsan thread OFF
   (cd build/tsan && TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
-    "$VBIN/ctest" --output-on-failure -j "$(nproc)" -R '^(ThreadPool|Topology|LayerQueue)\.')
+    "$VBIN/ctest" --output-on-failure -j "$(nproc)" -R '^(ThreadPool|Topology|LayerQueue|MoeConfig|AmxBackend)\.')
 fi
 echo "== sanitizer runs clean: $sanitize"

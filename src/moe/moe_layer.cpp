@@ -590,7 +590,9 @@ void MoeLayer::forward_pass(const MoeForwardArgs& args, size_t t0, size_t T, con
         // encoded from cache instead of being written out and read back from
         // memory by a separate step.
         const bool whole = S == 1 && per >= blocks;
-        if (!whole) sc.rows_to_encode.push_back({size_t(rt.offset[size_t(e)]), c});
+        // Listed once, not once per slice: two encode tasks over the same rows
+        // would rewrite each other's codes in place (a data race, wrong rows).
+        if (!whole && s == 0) sc.rows_to_encode.push_back({size_t(rt.offset[size_t(e)]), c});
         for (uint32_t b = 0; b < blocks; b += per)
           tasks.push_back({uint32_t(e), b, uint32_t(std::min<size_t>(blocks, b + per)), whole});
       }
