@@ -40,6 +40,12 @@ def _native(wr):
     return a
 
 
+def _current_native(wr):
+    """The AsyncLayer of the wrapper's current native layer if one was made (None before the first call, or
+    after the layer was rebuilt): the one whose pending flag counts."""
+    return wr._async if wr._async_owner is wr._layer else None
+
+
 def _device_key(info) -> str:
     obj = info.obj
     return str(obj.device) if is_torch(obj) else "numpy"
@@ -112,7 +118,7 @@ def _check_not_pending(wr, caller: str) -> None:
     """The native layer's pending flag is the truth; wr._pending (what sync needs to return) is set
     before the native submit, so a KeyboardInterrupt anywhere leaves at worst a stale record, which
     this clears."""
-    nat = wr._async if wr._async_owner is wr._layer else None
+    nat = _current_native(wr)
     if nat is not None and nat.pending:
         if caller == "submit_forward":
             raise RuntimeError(f"layer {wr.layer_idx}: submit_forward called twice without sync_forward")
@@ -258,7 +264,7 @@ def forward_cpu(wr, x: Any, ids: Any, w: Any):
 
 
 def sync(wr, hidden_states: Any, cuda_stream: int):
-    nat = wr._async if wr._async_owner is wr._layer else None
+    nat = _current_native(wr)
     info = wr._pending
     if nat is None or not nat.pending or info is None:
         wr._pending = None
@@ -280,7 +286,7 @@ def sync(wr, hidden_states: Any, cuda_stream: int):
 def drain(wr, caller: str) -> None:
     """Waits for every queued, running or stream-pending task of the wrapper's layer (its weights may then
     change); raises if a submit_forward is pending."""
-    nat = wr._async if wr._async_owner is wr._layer else None
+    nat = _current_native(wr)
     if nat is None:
         return
     if nat.pending:
